@@ -1,0 +1,242 @@
+//! Server certificates: a short-lived self-signed ECDSA P-256 certificate kept in `certs/`, or a
+//! CA-issued one loaded from files.
+//!
+//! Browsers accept a self-signed certificate through `serverCertificateHashes` only if it is
+//! ECDSA P-256 and valid for at most 14 days, so fleetcast issues 13-day certificates, reuses one
+//! across restarts while it stays valid for at least another day, and replaces it otherwise.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
+use wtransport::Identity;
+
+/// Total validity of a generated certificate (browsers refuse more than 14 days).
+pub const VALIDITY: Duration = Duration::from_secs(13 * 24 * 3600);
+/// A stored certificate is replaced when it expires sooner than this.
+pub const MIN_REMAINING: Duration = Duration::from_secs(24 * 3600);
+/// Backdating of `not_before`, for clients whose clocks run a little behind.
+const BACKDATE: Duration = Duration::from_secs(3600);
+
+const CERT_FILE: &str = "fleetcast-cert.pem";
+const KEY_FILE: &str = "fleetcast-key.pem";
+
+/// The server's TLS identity and what clients need to trust it.
+pub struct ServerIdentity {
+    /// Certificate chain and key for wtransport.
+    pub identity: Identity,
+    /// SHA-256 of the leaf certificate's DER, lowercase hex; `None` for a CA-issued certificate
+    /// (which clients trust through their root store).
+    pub hash_hex: Option<String>,
+    /// When the leaf certificate expires.
+    pub not_after: SystemTime,
+    /// Where the certificate came from, for the start-up log.
+    pub source: String,
+}
+
+/// Loads the self-signed certificate from `dir` if it is still good for `names`, else makes and
+/// stores a new one.
+pub async fn self_signed(dir: &Path, names: &[String], now: SystemTime) -> Result<ServerIdentity> {
+    let cert_path = dir.join(CERT_FILE);
+    let key_path = dir.join(KEY_FILE);
+    match reusable(&cert_path, &key_path, names, now) {
+        Ok(Some(not_after)) => {
+            let identity = Identity::load_pemfiles(&cert_path, &key_path)
+                .await
+                .with_context(|| format!("loading {}", cert_path.display()))?;
+            return Ok(finish(identity, not_after, format!("reused {}", cert_path.display())));
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!("stored certificate unusable, making a new one: {e:#}"),
+    }
+    let (cert_pem, key_pem, not_after) = generate(names, now)?;
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    write_private(&key_path, key_pem.as_bytes())?;
+    fs::write(&cert_path, cert_pem.as_bytes())
+        .with_context(|| format!("writing {}", cert_path.display()))?;
+    let identity = Identity::load_pemfiles(&cert_path, &key_path).await?;
+    Ok(finish(identity, not_after, format!("generated {}", cert_path.display())))
+}
+
+/// Loads a CA-issued certificate chain and key.
+pub async fn from_files(cert: &PathBuf, key: &PathBuf) -> Result<ServerIdentity> {
+    let pem = fs::read(cert).with_context(|| format!("reading {}", cert.display()))?;
+    let (not_after, _) = inspect(&pem)?;
+    let identity = Identity::load_pemfiles(cert, key)
+        .await
+        .with_context(|| format!("loading {} and {}", cert.display(), key.display()))?;
+    Ok(ServerIdentity {
+        identity,
+        hash_hex: None,
+        not_after,
+        source: format!("loaded {}", cert.display()),
+    })
+}
+
+fn finish(identity: Identity, not_after: SystemTime, source: String) -> ServerIdentity {
+    let der = identity.certificate_chain().as_slice()[0].der().to_vec();
+    ServerIdentity {
+        identity,
+        hash_hex: Some(sha256_hex(&der)),
+        not_after,
+        source,
+    }
+}
+
+/// Lowercase hex SHA-256 of `der`.
+pub fn sha256_hex(der: &[u8]) -> String {
+    hex::encode(Sha256::digest(der))
+}
+
+/// `Some(not_after)` if the stored pair exists, covers `names` and stays valid long enough.
+fn reusable(
+    cert_path: &Path,
+    key_path: &Path,
+    names: &[String],
+    now: SystemTime,
+) -> Result<Option<SystemTime>> {
+    if !cert_path.exists() || !key_path.exists() {
+        return Ok(None);
+    }
+    let pem = fs::read(cert_path)?;
+    let (not_after, sans) = inspect(&pem)?;
+    if not_after < now + MIN_REMAINING {
+        tracing::info!("stored certificate expires within a day; replacing it");
+        return Ok(None);
+    }
+    if let Some(missing) = names.iter().find(|n| !sans.contains(n)) {
+        tracing::info!("stored certificate lacks the name {missing}; replacing it");
+        return Ok(None);
+    }
+    Ok(Some(not_after))
+}
+
+/// Expiry and subject alternative names (DNS names and IP addresses as text) of a PEM leaf.
+fn inspect(pem: &[u8]) -> Result<(SystemTime, Vec<String>)> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem).context("certificate is not PEM")?;
+    let cert = pem.parse_x509().context("certificate is not X.509")?;
+    let not_after = cert.validity().not_after.timestamp();
+    if not_after < 0 {
+        bail!("certificate expiry before 1970");
+    }
+    let mut sans = Vec::new();
+    if let Ok(Some(ext)) = cert.subject_alternative_name() {
+        for name in &ext.value.general_names {
+            match name {
+                x509_parser::extensions::GeneralName::DNSName(d) => sans.push(d.to_string()),
+                x509_parser::extensions::GeneralName::IPAddress(ip) => {
+                    let ip = match ip.len() {
+                        4 => std::net::IpAddr::from(<[u8; 4]>::try_from(*ip)?),
+                        16 => std::net::IpAddr::from(<[u8; 16]>::try_from(*ip)?),
+                        _ => continue,
+                    };
+                    sans.push(ip.to_string());
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok((UNIX_EPOCH + Duration::from_secs(not_after as u64), sans))
+}
+
+/// A new ECDSA P-256 certificate for `names`, valid from an hour ago for [`VALIDITY`].
+fn generate(names: &[String], now: SystemTime) -> Result<(String, String, SystemTime)> {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut params = rcgen::CertificateParams::new(names.to_vec())?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "fleetcast self-signed");
+    let not_before = now - BACKDATE;
+    // Total validity (not_before..not_after) stays at VALIDITY, under the 14-day browser rule.
+    let not_after = not_before + VALIDITY;
+    params.not_before = time::OffsetDateTime::from(not_before);
+    params.not_after = time::OffsetDateTime::from(not_after);
+    let cert = params.self_signed(&key)?;
+    // X.509 stores whole seconds: report what the certificate says.
+    let secs = not_after.duration_since(UNIX_EPOCH)?.as_secs();
+    Ok((
+        cert.pem(),
+        key.serialize_pem(),
+        UNIX_EPOCH + Duration::from_secs(secs),
+    ))
+}
+
+/// Writes a secret file readable by its owner only (mode 0600 from creation on Unix).
+fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        options.mode(0o600);
+        // An existing file keeps its mode on open: tighten it explicitly.
+        if path.exists() {
+            fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
+        }
+    }
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    file.write_all(bytes)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names() -> Vec<String> {
+        vec!["localhost".into(), "127.0.0.1".into(), "::1".into()]
+    }
+
+    #[tokio::test]
+    async fn self_signed_is_reused_while_valid_and_replaced_near_expiry() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = SystemTime::now();
+        let a = self_signed(dir.path(), &names(), now).await.unwrap();
+        assert!(a.source.starts_with("generated"));
+        let b = self_signed(dir.path(), &names(), now).await.unwrap();
+        assert!(b.source.starts_with("reused"), "{}", b.source);
+        assert_eq!(a.hash_hex, b.hash_hex);
+        // Twelve and a half days later less than a day remains: a new certificate.
+        let later = now + Duration::from_secs(12 * 24 * 3600 + 12 * 3600);
+        let c = self_signed(dir.path(), &names(), later).await.unwrap();
+        assert!(c.source.starts_with("generated"));
+        assert_ne!(a.hash_hex, c.hash_hex);
+        // A new name forces a new certificate too.
+        let mut more = names();
+        more.push("fleet.example".into());
+        let d = self_signed(dir.path(), &more, later).await.unwrap();
+        assert!(d.source.starts_with("generated"));
+    }
+
+    #[tokio::test]
+    async fn self_signed_validity_and_key_mode_follow_browser_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = SystemTime::now();
+        let id = self_signed(dir.path(), &names(), now).await.unwrap();
+        let pem = fs::read(dir.path().join(CERT_FILE)).unwrap();
+        let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+        let cert = pem.parse_x509().unwrap();
+        let v = cert.validity();
+        let span = v.not_after.timestamp() - v.not_before.timestamp();
+        assert!(span < 14 * 24 * 3600, "validity {span}s");
+        assert_eq!(
+            cert.public_key().algorithm.algorithm,
+            x509_parser::oid_registry::OID_KEY_TYPE_EC_PUBLIC_KEY
+        );
+        assert_eq!(id.hash_hex.unwrap().len(), 64);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(dir.path().join(KEY_FILE))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+    }
+}

@@ -1,0 +1,266 @@
+//! Native WebTransport client: connects, reads the reliable stream, receives datagrams.
+//!
+//! A thin shell over wtransport; what the bytes mean is decided by [`crate::proto`]. Used by
+//! `fleetcast watch`, the load generator and the tests.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use wtransport::endpoint::endpoint_side;
+use wtransport::endpoint::ConnectOptions;
+use wtransport::error::ConnectionError;
+use wtransport::tls::{Sha256Digest, Sha256DigestFmt};
+use wtransport::{ClientConfig, Connection, Endpoint, RecvStream, VarInt};
+
+use crate::proto::wire::{CloseCode, DecodeError, FrameDecoder, StreamMessage};
+
+/// How the client trusts the server's certificate.
+#[derive(Debug, Clone)]
+pub enum Trust {
+    /// Accept only certificates with one of these SHA-256 hashes (self-signed, <= 14 days).
+    Hashes(Vec<Sha256Digest>),
+    /// Verify against the system's root certificates.
+    SystemRoots,
+}
+
+/// Client endpoint settings.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Certificate trust.
+    pub trust: Trust,
+    /// Datagrams buffered by QUIC before the application reads them, bytes.
+    pub datagram_buffer: usize,
+    /// Idle timeout of the QUIC connection.
+    pub idle_timeout: Duration,
+}
+
+impl ClientOptions {
+    /// Defaults with the given trust.
+    pub fn new(trust: Trust) -> Self {
+        Self {
+            trust,
+            datagram_buffer: 1 << 20,
+            idle_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Parses a lowercase or uppercase hex SHA-256 (colons allowed).
+pub fn parse_hash(hex: &str) -> Result<Sha256Digest> {
+    let clean: String = hex.trim().chars().filter(|c| *c != ':').collect();
+    Sha256Digest::from_str_fmt(&clean, Sha256DigestFmt::BytesArray)
+        .or_else(|_| {
+            let bytes = hex::decode(&clean)?;
+            let arr: [u8; 32] = bytes
+                .try_into()
+                .map_err(|_| anyhow::anyhow!("a SHA-256 hash has 32 bytes"))?;
+            Ok::<_, anyhow::Error>(Sha256Digest::new(arr))
+        })
+        .with_context(|| format!("'{hex}' is not a SHA-256 hash in hex"))
+}
+
+/// Fetches certificate hashes (one hex hash per line) over HTTP.
+///
+/// Returns `Ok(None)` on 404, which a server with a CA-issued certificate answers.
+pub async fn fetch_cert_hashes(url: &str) -> Result<Option<Vec<Sha256Digest>>> {
+    let response = reqwest::get(url)
+        .await
+        .with_context(|| format!("fetching {url}"))?;
+    if response.status() == reqwest::StatusCode::NOT_FOUND {
+        return Ok(None);
+    }
+    let text = response.error_for_status()?.text().await?;
+    let hashes = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(parse_hash)
+        .collect::<Result<Vec<_>>>()?;
+    if hashes.is_empty() {
+        bail!("{url} listed no certificate hash");
+    }
+    Ok(Some(hashes))
+}
+
+/// A client endpoint (one UDP socket) that can hold many sessions.
+pub fn endpoint(options: &ClientOptions) -> Result<Endpoint<endpoint_side::Client>> {
+    let builder = ClientConfig::builder().with_bind_default();
+    let mut config = match &options.trust {
+        Trust::Hashes(hashes) => builder.with_server_certificate_hashes(hashes.clone()),
+        Trust::SystemRoots => builder.with_native_certs(),
+    }
+    .build();
+    let mut transport = quinn::TransportConfig::default();
+    transport.max_idle_timeout(Some(quinn::IdleTimeout::try_from(options.idle_timeout)?));
+    transport.keep_alive_interval(Some(options.idle_timeout / 3));
+    transport.datagram_receive_buffer_size(Some(options.datagram_buffer));
+    transport.datagram_send_buffer_size(4096);
+    config
+        .quic_config_mut()
+        .transport_config(Arc::new(transport));
+    Ok(Endpoint::client(config)?)
+}
+
+/// How a session ended, as the client saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ended {
+    /// Application close code, when the server closed the session with one.
+    pub code: Option<u64>,
+    /// Close reason or error text.
+    pub reason: String,
+    /// The `Goodbye` frame, if the server sent one first.
+    pub goodbye: Option<(u32, String)>,
+}
+
+impl Ended {
+    /// The close code as a [`CloseCode`], when it is one.
+    pub fn close_code(&self) -> Option<CloseCode> {
+        self.code.and_then(CloseCode::from_code)
+    }
+}
+
+impl std::fmt::Display for Ended {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.code, &self.goodbye) {
+            (_, Some((code, reason))) => write!(f, "server said goodbye ({code}): {reason}"),
+            (Some(code), None) => write!(f, "closed with code {code}: {}", self.reason),
+            (None, None) => write!(f, "{}", self.reason),
+        }
+    }
+}
+
+/// Something that arrived on a session.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A message from the reliable stream.
+    Message(StreamMessage),
+    /// A datagram payload (WebTransport header removed).
+    Datagram(Bytes),
+}
+
+/// One open session.
+pub struct Session {
+    conn: Connection,
+    stream: Option<RecvStream>,
+    decoder: FrameDecoder,
+    buf: Vec<u8>,
+    goodbye: Option<(u32, String)>,
+}
+
+/// Opens a session at `url`, optionally sending an `Origin` header.
+pub async fn open(
+    endpoint: &Endpoint<endpoint_side::Client>,
+    url: &str,
+    origin: Option<&str>,
+) -> Result<Session> {
+    let mut options = ConnectOptions::builder(url);
+    if let Some(origin) = origin {
+        options = options.add_header("origin", origin);
+    }
+    let conn = endpoint
+        .connect(options.build())
+        .await
+        .with_context(|| format!("opening a WebTransport session at {url}"))?;
+    Ok(Session {
+        conn,
+        stream: None,
+        decoder: FrameDecoder::new(),
+        buf: vec![0; 16 * 1024],
+        goodbye: None,
+    })
+}
+
+impl Session {
+    /// The underlying connection (for tests that misbehave on purpose).
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// Waits for the next message or datagram; `Err` once the session has ended.
+    pub async fn next(&mut self) -> Result<Event, Ended> {
+        loop {
+            match self.decoder.next_message() {
+                Ok(Some(msg)) => {
+                    if let StreamMessage::Goodbye { code, reason } = &msg {
+                        self.goodbye = Some((*code, reason.clone()));
+                    }
+                    return Ok(Event::Message(msg));
+                }
+                Ok(None) => {}
+                Err(e) => return Err(self.violation(e)),
+            }
+            tokio::select! {
+                biased;
+                datagram = self.conn.receive_datagram() => {
+                    return match datagram {
+                        Ok(d) => Ok(Event::Datagram(d.payload())),
+                        Err(e) => Err(self.ended(e).await),
+                    };
+                }
+                stream = self.conn.accept_uni(), if self.stream.is_none() => {
+                    match stream {
+                        Ok(s) => self.stream = Some(s),
+                        Err(e) => return Err(self.ended(e).await),
+                    }
+                }
+                read = read_some(&mut self.stream, &mut self.buf), if self.stream.is_some() => {
+                    match read {
+                        Ok(Some(n)) => self.decoder.push(&self.buf[..n]),
+                        // The server finished the stream (after a goodbye): datagrams may
+                        // still follow until the close.
+                        Ok(None) => self.stream = None,
+                        Err(_) => {
+                            let e = self.conn.closed().await;
+                            return Err(self.ended(e).await);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn violation(&mut self, e: DecodeError) -> Ended {
+        let reason = format!("server sent an undecodable frame: {e}");
+        self.conn.close(
+            VarInt::from_u32(CloseCode::ProtocolViolation.code()),
+            reason.as_bytes(),
+        );
+        Ended {
+            code: None,
+            reason,
+            goodbye: self.goodbye.clone(),
+        }
+    }
+
+    async fn ended(&mut self, e: ConnectionError) -> Ended {
+        let (code, reason) = match e {
+            ConnectionError::ApplicationClosed(close) => (
+                Some(close.code().into_inner()),
+                String::from_utf8_lossy(close.reason()).into_owned(),
+            ),
+            other => (None, other.to_string()),
+        };
+        Ended {
+            code,
+            reason,
+            goodbye: self.goodbye.clone(),
+        }
+    }
+
+    /// Closes the session normally.
+    pub fn close(&self) {
+        self.conn
+            .close(VarInt::from_u32(CloseCode::Normal.code()), b"client done");
+    }
+}
+
+async fn read_some(
+    stream: &mut Option<RecvStream>,
+    buf: &mut [u8],
+) -> Result<Option<usize>, wtransport::error::StreamReadError> {
+    match stream {
+        Some(s) => s.read(buf).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,20 @@
+//! fleetcast: live vehicle positions to many browsers over WebTransport datagrams.
+//!
+//! Each tick the server encodes the whole fleet once into self-contained datagrams and hands
+//! the same bytes to every session; a lost datagram is skipped, never retransmitted, because
+//! the next tick replaces it. A reliable stream per session carries the initial state.
+//!
+//! Layout:
+//! - [`proto`]: the pure protocol core (wire format, quantisation, packing, apply logic).
+//! - [`sim`]: the built-in simulated fleet (pure, stepped by the caller).
+//! - [`certs`]: self-signed or CA-issued TLS identities.
+//! - [`server`]: `fleetcast serve`, the async shell around the core.
+//! - [`client`]: the native WebTransport client used by `watch`, the tests and load tools.
+//! - [`watch`]: `fleetcast watch`, a client that reports what it receives.
+
+pub mod certs;
+pub mod client;
+pub mod proto;
+pub mod server;
+pub mod sim;
+pub mod watch;

@@ -1,0 +1,100 @@
+//! The `fleetcast` binary: parses arguments, sets up logging, runs one subcommand.
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+use tracing_subscriber::EnvFilter;
+
+use fleetcast::server::{Server, ServeArgs, SESSION_PATH};
+use fleetcast::watch::{self, WatchArgs};
+
+/// Live vehicle positions over WebTransport datagrams.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server with the built-in fleet simulator.
+    Serve(ServeArgs),
+    /// Follow the fleet from the command line and report what arrives.
+    Watch(WatchArgs),
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    // A process-wide crypto provider, so rustls never has to guess between ring and aws-lc.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Serve(args) => serve(args).await,
+        Command::Watch(args) => {
+            let json = args.json;
+            let stop = CancellationToken::new();
+            tokio::spawn({
+                let stop = stop.clone();
+                async move {
+                    shutdown_signal().await;
+                    stop.cancel();
+                }
+            });
+            let report = watch::run(args, stop).await?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!("{}", report.summary());
+            }
+            if report.sessions == 0 {
+                anyhow::bail!("never connected");
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    let server = Server::start(args).await?;
+    let http_port = server.http_addr.port();
+    let wt_port = server.wt_addr.port();
+    info!("web demo:     http://localhost:{http_port}/");
+    info!("session URL:  https://localhost:{wt_port}{SESSION_PATH}");
+    if let Some(hash) = &server.cert_hash {
+        info!("certificate:  sha-256 {hash}");
+        info!("              (also at http://localhost:{http_port}/certificate.sha256)");
+    }
+    shutdown_signal().await;
+    info!("shutting down");
+    server.shutdown();
+    server.wait().await;
+    Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}

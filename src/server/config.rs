@@ -1,0 +1,268 @@
+//! Options of `fleetcast serve`: every limit is a flag with an environment variable and a default.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+/// Parses durations such as `500ms`, `10s`, `2m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map_or((s, "s"), |i| (&s[..i], &s[i..]));
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration like 500ms, 5s or 2m"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" | "" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("unknown unit in '{s}' (use ms, s, m or h)")),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("'{s}' is not a valid duration"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Parses byte sizes such as `4194304`, `64KiB`, `4MiB`.
+pub fn parse_bytes(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let (num, mult) = if let Some(n) = s.strip_suffix("MiB") {
+        (n, 1 << 20)
+    } else if let Some(n) = s.strip_suffix("KiB") {
+        (n, 1 << 10)
+    } else if let Some(n) = s.strip_suffix('B') {
+        (n, 1)
+    } else {
+        (s, 1)
+    };
+    let n: usize = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size like 65536, 64KiB or 4MiB"))?;
+    n.checked_mul(mult).ok_or_else(|| format!("'{s}' is too large"))
+}
+
+/// `fleetcast serve` options.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// UDP address for WebTransport (HTTP/3). `[::]` accepts IPv4 and IPv6.
+    #[arg(long, env = "FLEETCAST_WT_LISTEN", default_value = "[::]:4433")]
+    pub wt_listen: SocketAddr,
+
+    /// TCP address for HTTP: web demo, certificate hash, health.
+    #[arg(long, env = "FLEETCAST_HTTP_LISTEN", default_value = "[::]:8080")]
+    pub http_listen: SocketAddr,
+
+    /// Number of simulated cars.
+    #[arg(long, env = "FLEETCAST_CARS", default_value_t = 100)]
+    pub cars: u32,
+
+    /// Time between ticks, milliseconds.
+    #[arg(long, env = "FLEETCAST_TICK_MS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u32).range(10..=60_000))]
+    pub tick_ms: u32,
+
+    /// Latitude of the simulated area's south-west corner, degrees.
+    #[arg(long, env = "FLEETCAST_ORIGIN_LAT", default_value_t = 52.35,
+          allow_negative_numbers = true)]
+    pub origin_lat: f64,
+
+    /// Longitude of the simulated area's south-west corner, degrees.
+    #[arg(long, env = "FLEETCAST_ORIGIN_LON", default_value_t = 4.86,
+          allow_negative_numbers = true)]
+    pub origin_lon: f64,
+
+    /// Side of the simulated square area, metres (at most 6.5 km keeps 10 cm resolution).
+    #[arg(long, env = "FLEETCAST_AREA_M", default_value_t = 4000.0)]
+    pub area_m: f64,
+
+    /// Distance between parallel streets in the simulated grid, metres.
+    #[arg(long, env = "FLEETCAST_BLOCK_M", default_value_t = 400.0)]
+    pub block_m: f64,
+
+    /// Seed of the simulator.
+    #[arg(long, env = "FLEETCAST_SEED", default_value_t = 1)]
+    pub seed: u64,
+
+    /// Every this many ticks one car leaves the fleet and a new one joins (0: never). Exercises
+    /// the reliable roster events.
+    #[arg(long, env = "FLEETCAST_CHURN_TICKS", default_value_t = 0)]
+    pub churn_ticks: u64,
+
+    /// Largest datagram payload the server encodes a tick into, bytes. Below QUIC's guaranteed
+    /// minimum so one encoding fits every session; smaller sessions get their own encoding.
+    #[arg(long, env = "FLEETCAST_DATAGRAM_BUDGET", default_value_t = 1100,
+          value_parser = clap::value_parser!(u32).range(64..=65_000))]
+    pub datagram_budget: u32,
+
+    /// Directory for the self-signed certificate and key.
+    #[arg(long, env = "FLEETCAST_CERT_DIR", default_value = "certs")]
+    pub cert_dir: PathBuf,
+
+    /// Extra DNS names or IP addresses for the self-signed certificate (localhost, 127.0.0.1
+    /// and ::1 are always included).
+    #[arg(long = "cert-name", env = "FLEETCAST_CERT_NAMES", value_delimiter = ',')]
+    pub cert_name: Vec<String>,
+
+    /// PEM certificate chain issued by a CA (instead of the self-signed one). Needs --key.
+    #[arg(long, env = "FLEETCAST_CERT", requires = "key")]
+    pub cert: Option<PathBuf>,
+
+    /// PEM private key for --cert.
+    #[arg(long, env = "FLEETCAST_KEY", requires = "cert")]
+    pub key: Option<PathBuf>,
+
+    /// Extra allowed Origin for WebTransport sessions, e.g. https://fleet.example; `*` allows
+    /// any origin. The server's own HTTP origins on localhost are always allowed.
+    #[arg(long, env = "FLEETCAST_ALLOW_ORIGIN", value_delimiter = ',')]
+    pub allow_origin: Vec<String>,
+
+    /// Most WebTransport sessions open at once; more get 429.
+    #[arg(long, env = "FLEETCAST_MAX_SESSIONS", default_value_t = 50_000)]
+    pub max_sessions: usize,
+
+    /// Most QUIC handshakes in progress at once; further connection attempts are refused.
+    #[arg(long, env = "FLEETCAST_MAX_HANDSHAKES", default_value_t = 4096)]
+    pub max_handshakes: usize,
+
+    /// Longest time from a client's first packet to its WebTransport CONNECT request.
+    #[arg(long, env = "FLEETCAST_HANDSHAKE_TIMEOUT", default_value = "10s",
+          value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
+
+    /// A session with no packets from the client for this long is closed.
+    #[arg(long, env = "FLEETCAST_IDLE_TIMEOUT", default_value = "30s",
+          value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// Longest time a write on a session's reliable stream may wait for the client.
+    #[arg(long, env = "FLEETCAST_WRITE_TIMEOUT", default_value = "10s",
+          value_parser = parse_duration)]
+    pub write_timeout: Duration,
+
+    /// Longest time shutdown waits for sessions to say goodbye.
+    #[arg(long, env = "FLEETCAST_SHUTDOWN_TIMEOUT", default_value = "5s",
+          value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+
+    /// UDP socket send and receive buffer to ask the kernel for.
+    #[arg(long, env = "FLEETCAST_UDP_BUFFER", default_value = "4MiB", value_parser = parse_bytes)]
+    pub udp_buffer: usize,
+
+    /// Per-session QUIC datagram send queue; when full the oldest datagram is dropped.
+    #[arg(long, env = "FLEETCAST_DATAGRAM_SEND_BUFFER", default_value = "32KiB",
+          value_parser = parse_bytes)]
+    pub datagram_send_buffer: usize,
+
+    /// Per-session QUIC datagram receive buffer (clients send none in protocol v1).
+    #[arg(long, env = "FLEETCAST_DATAGRAM_RECV_BUFFER", default_value = "8KiB",
+          value_parser = parse_bytes)]
+    pub datagram_recv_buffer: usize,
+
+    /// Directory of static files served over HTTP.
+    #[arg(long, env = "FLEETCAST_WEB_ROOT", default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/web-demo"))]
+    pub web_root: PathBuf,
+}
+
+impl ServeArgs {
+    /// Names the self-signed certificate must cover.
+    pub fn cert_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = ["localhost", "127.0.0.1", "::1"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        for n in &self.cert_name {
+            if !names.contains(n) {
+                names.push(n.clone());
+            }
+        }
+        names
+    }
+
+    /// Defaults for tests and embedding: ephemeral ports on loopback.
+    pub fn ephemeral(cert_dir: PathBuf) -> Self {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            args: ServeArgs,
+        }
+        let mut args = Wrapper::parse_from(["fleetcast"]).args;
+        args.wt_listen = "[::1]:0".parse().expect("literal address");
+        args.http_listen = "127.0.0.1:0".parse().expect("literal address");
+        args.cert_dir = cert_dir;
+        args
+    }
+}
+
+/// Normalised allowed origins: the server's own on localhost plus `extra`.
+pub fn allowed_origins(extra: &[String], http_port: u16) -> Vec<String> {
+    let mut out: Vec<String> = ["localhost", "127.0.0.1", "[::1]"]
+        .iter()
+        .flat_map(|host| {
+            [
+                format!("http://{host}:{http_port}"),
+                format!("https://{host}:{http_port}"),
+            ]
+        })
+        .collect();
+    out.extend(extra.iter().map(|o| normalise_origin(o)));
+    out
+}
+
+/// Lowercase, without a trailing slash.
+pub fn normalise_origin(origin: &str) -> String {
+    origin.trim().trim_end_matches('/').to_ascii_lowercase()
+}
+
+/// Whether a session request with this Origin header may open.
+pub fn origin_allowed(allowed: &[String], origin: Option<&str>) -> bool {
+    match origin {
+        None => true,
+        Some(o) => {
+            let o = normalise_origin(o);
+            allowed.iter().any(|a| a == "*" || *a == o)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_duration_units() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn parse_bytes_units() {
+        assert_eq!(parse_bytes("4MiB"), Ok(4 << 20));
+        assert_eq!(parse_bytes("64KiB"), Ok(64 << 10));
+        assert_eq!(parse_bytes("100"), Ok(100));
+        assert!(parse_bytes("lots").is_err());
+    }
+
+    #[test]
+    fn origin_rules() {
+        let allowed = allowed_origins(&["https://Fleet.example/".into()], 8080);
+        assert!(origin_allowed(&allowed, None));
+        assert!(origin_allowed(&allowed, Some("http://localhost:8080")));
+        assert!(origin_allowed(&allowed, Some("http://[::1]:8080")));
+        assert!(origin_allowed(&allowed, Some("https://fleet.example")));
+        assert!(!origin_allowed(&allowed, Some("http://localhost:9999")));
+        assert!(!origin_allowed(&allowed, Some("https://evil.example")));
+        let any = allowed_origins(&["*".into()], 8080);
+        assert!(origin_allowed(&any, Some("https://evil.example")));
+    }
+}

@@ -1,0 +1,195 @@
+//! The tick loop: advance the feed, encode the tick once, hand the same bytes to every session.
+//!
+//! Sending never waits: quinn queues each datagram in the session's bounded datagram buffer and
+//! drops the oldest when it is full, so a slow or dead session costs one failed enqueue and can
+//! delay neither the tick nor anyone else.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, trace, warn};
+
+use super::{now_us, Member, Shared, Snapshot, Stats};
+use crate::proto::pack::pack_tick;
+use crate::proto::quant::{age_step, heading_step, Quantisation};
+use crate::proto::wire::{CarInfo, CarList, CarSample, State, StreamMessage};
+use crate::sim::Simulator;
+
+/// Sessions served between cooperative yields of the fan-out loop.
+const YIELD_EVERY: usize = 512;
+
+/// Quantises the simulator's cars (fixes are taken at the tick, so their age is zero).
+fn samples(sim: &Simulator, quant: &Quantisation, fix_age_us: u64) -> Vec<CarSample> {
+    sim.motions()
+        .into_iter()
+        .map(|(id, m)| CarSample {
+            id,
+            x: quant.position_step(m.east_m),
+            y: quant.position_step(m.north_m),
+            heading: heading_step(m.heading_deg),
+            speed: quant.speed_step(m.speed_mps),
+            age: age_step(fix_age_us),
+        })
+        .collect()
+}
+
+fn roster(sim: &Simulator) -> Arc<Vec<CarInfo>> {
+    Arc::new(
+        sim.roster()
+            .into_iter()
+            .map(|(id, label)| CarInfo { id, label })
+            .collect(),
+    )
+}
+
+/// The state before the first tick (tick 0).
+pub(crate) fn initial_snapshot(sim: &Simulator, quant: &Quantisation, time_us: u64) -> Snapshot {
+    snapshot(0, time_us, &roster(sim), Arc::new(samples(sim, quant, 0)))
+}
+
+/// A snapshot with its initial-state frames encoded once for every session that opens.
+fn snapshot(tick: u64, time_us: u64, roster: &[CarInfo], cars: Arc<Vec<CarSample>>) -> Snapshot {
+    let mut frames = Vec::with_capacity(64 + roster.len() * 16 + cars.len() * 8);
+    let messages = [
+        StreamMessage::Roster(roster.to_vec()),
+        StreamMessage::State(State {
+            tick,
+            time_us,
+            cars: CarList::sorted(cars.to_vec()),
+        }),
+    ];
+    for msg in messages {
+        // Invariant: CarList::sorted yields ascending unique ids, which always encode.
+        msg.encode_frame(&mut frames).expect("snapshot encodes");
+    }
+    Snapshot {
+        tick,
+        cars,
+        frames: Bytes::from(frames),
+    }
+}
+
+/// Runs ticks until `token` is cancelled.
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    mut sim: Simulator,
+    latest: watch::Sender<Arc<Snapshot>>,
+    token: CancellationToken,
+) {
+    let period = Duration::from_millis(u64::from(shared.args.tick_ms));
+    let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    // After a stall, carry on from now rather than bursting the missed ticks.
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut tick: u64 = 0;
+    let mut roster_list = roster(&sim);
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => break,
+            _ = interval.tick() => {}
+        }
+        tick += 1;
+        sim.step(period.as_secs_f64());
+        if shared.args.churn_ticks > 0 && tick % shared.args.churn_ticks == 0 {
+            let (gone, joined) = sim.churn();
+            roster_list = roster(&sim);
+            // Nobody listening is fine: there are no sessions.
+            let _ = shared
+                .roster_events
+                .send(Arc::new(StreamMessage::CarsRemoved(vec![gone])));
+            let _ = shared
+                .roster_events
+                .send(Arc::new(StreamMessage::CarsAdded(vec![CarInfo {
+                    id: joined.0,
+                    label: joined.1,
+                }])));
+        }
+        let time_us = now_us();
+        let cars = Arc::new(samples(&sim, &shared.quant, 0));
+        latest.send_replace(Arc::new(snapshot(tick, time_us, &roster_list, cars.clone())));
+        let started = std::time::Instant::now();
+        let sent = fan_out(&shared, tick, time_us, &cars).await;
+        Stats::inc(&shared.stats.ticks);
+        trace!(tick, sent, elapsed = ?started.elapsed(), "tick fanned out");
+    }
+    debug!("tick loop stopped");
+}
+
+/// Encodes this tick's datagrams for one header and budget.
+fn encode(
+    tick: u64,
+    time_us: u64,
+    cars: &[CarSample],
+    header: &[u8],
+    budget: usize,
+) -> Option<Arc<Vec<Bytes>>> {
+    match pack_tick(tick, time_us, cars, budget) {
+        Ok(parts) => Some(Arc::new(
+            parts
+                .into_iter()
+                .map(|p| {
+                    let mut b = BytesMut::with_capacity(header.len() + p.len());
+                    b.put_slice(header);
+                    b.put_slice(&p);
+                    b.freeze()
+                })
+                .collect(),
+        )),
+        Err(e) => {
+            warn!(tick, budget, "cannot encode tick: {e}");
+            None
+        }
+    }
+}
+
+/// Sends the tick to every registered session; returns the number of datagrams queued.
+async fn fan_out(shared: &Shared, tick: u64, time_us: u64, cars: &[CarSample]) -> u64 {
+    let members: Vec<Member> = shared
+        .members
+        .lock()
+        .expect("members lock poisoned")
+        .values()
+        .cloned()
+        .collect();
+    let budget = shared.args.datagram_budget as usize;
+    // Encodings by (session header, payload budget): nearly every session shares one.
+    let mut encodings: HashMap<(Arc<[u8]>, usize), Option<Arc<Vec<Bytes>>>> = HashMap::new();
+    let stats = &shared.stats;
+    let (mut sent, mut bytes) = (0u64, 0u64);
+    for (i, member) in members.iter().enumerate() {
+        if i > 0 && i % YIELD_EVERY == 0 {
+            tokio::task::yield_now().await;
+        }
+        let Some(max) = member.conn.max_datagram_size() else {
+            continue; // peer does not take datagrams, or the connection is gone
+        };
+        let room = max.saturating_sub(member.header.len());
+        let this_budget = budget.min(room);
+        let key = (member.header.clone(), this_budget);
+        let datagrams = encodings.entry(key).or_insert_with(|| {
+            if this_budget < budget {
+                Stats::inc(&stats.reencoded_ticks);
+            }
+            encode(tick, time_us, cars, &member.header, this_budget)
+        });
+        let Some(datagrams) = datagrams else { continue };
+        for d in datagrams.iter() {
+            match member.conn.send_datagram(d.clone()) {
+                Ok(()) => {
+                    sent += 1;
+                    bytes += d.len() as u64;
+                }
+                Err(quinn::SendDatagramError::TooLarge) => Stats::inc(&stats.datagrams_too_large),
+                // Lost or unsupported: the session task notices and cleans up.
+                Err(_) => break,
+            }
+        }
+    }
+    stats.datagrams_sent.fetch_add(sent, Ordering::Relaxed);
+    stats.bytes_sent.fetch_add(bytes, Ordering::Relaxed);
+    sent
+}

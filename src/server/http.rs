@@ -1,0 +1,87 @@
+//! The HTTP side: certificate hash, health, the road network and the web demo's static files.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower_http::services::ServeDir;
+use tower_http::set_header::SetResponseHeaderLayer;
+use tracing::warn;
+
+use super::{Shared, SESSION_PATH};
+
+/// Serves HTTP until `token` is cancelled.
+pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, token: CancellationToken) {
+    let web_root = shared.args.web_root.clone();
+    if !web_root.join("index.html").exists() {
+        warn!("no index.html in {}: the web demo is not served", web_root.display());
+    }
+    let app = Router::new()
+        .route("/certificate.sha256", get(certificate_hash))
+        .route("/healthz", get(healthz))
+        .route("/roads.json", get(roads))
+        .fallback_service(ServeDir::new(web_root))
+        // Short-lived certificates and live data: never cache.
+        .layer(SetResponseHeaderLayer::if_not_present(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("no-store"),
+        ))
+        .with_state(shared);
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(token.cancelled_owned())
+        .await;
+    if let Err(e) = result {
+        warn!("HTTP server failed: {e}");
+    }
+}
+
+async fn certificate_hash(State(shared): State<Arc<Shared>>) -> Response {
+    match &shared.cert_hash {
+        Some(hash) => (
+            [
+                (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
+                (header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"),
+            ],
+            format!("{hash}\n"),
+        )
+            .into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            "this server uses a CA-issued certificate: trust it through the system roots\n",
+        )
+            .into_response(),
+    }
+}
+
+async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
+    let latest = shared.latest.borrow().clone();
+    let mut counters = serde_json::Map::new();
+    for (name, value) in shared.stats.snapshot() {
+        counters.insert(name.to_string(), value.into());
+    }
+    Json(serde_json::json!({
+        "status": "ok",
+        "session_path": SESSION_PATH,
+        "sessions": shared.sessions.load(Ordering::Relaxed),
+        "tick": latest.tick,
+        "cars": latest.cars.len(),
+        "counters": counters,
+    }))
+    .into_response()
+}
+
+async fn roads(State(shared): State<Arc<Shared>>) -> Response {
+    Json(serde_json::json!({
+        "area_m": shared.args.area_m,
+        "origin_lat_deg": shared.quant.origin_lat_deg,
+        "origin_lon_deg": shared.quant.origin_lon_deg,
+        "roads": shared.roads,
+    }))
+    .into_response()
+}

@@ -1,0 +1,222 @@
+//! `fleetcast serve`: the WebTransport streamer and its HTTP side.
+//!
+//! Layout:
+//! - [`config`]: every option of `fleetcast serve`.
+//! - `net`: the UDP socket with large buffers and the QUIC transport limits.
+//! - `feed`: the tick loop: advances the simulator, encodes each tick once, fans it out.
+//! - `session`: one task per WebTransport session: initial state, roster events, close codes.
+//! - `http`: certificate hash, health, road network and the web demo over HTTP.
+//!
+//! One shutdown path: [`Server::shutdown`] (Ctrl-C / SIGTERM in the binary) cancels a token; the
+//! accept loop stops first, sessions say goodbye and close with [`CloseCode::GoingAway`], and the
+//! endpoint closes once they are gone or the shutdown timeout passes.
+
+pub mod config;
+mod feed;
+mod http;
+mod net;
+mod session;
+mod stats;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use tokio::sync::{broadcast, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+use wtransport::endpoint::endpoint_side;
+use wtransport::Endpoint;
+
+pub use config::ServeArgs;
+pub use stats::Stats;
+
+use crate::certs;
+use crate::proto::quant::Quantisation;
+use crate::proto::wire::{CarSample, CloseCode, StreamMessage};
+use crate::sim::{Road, SimConfig, Simulator};
+
+/// The session path; every other path gets 404.
+pub const SESSION_PATH: &str = "/positions";
+
+/// The newest tick, as a new session needs it.
+#[derive(Debug, Clone)]
+pub(crate) struct Snapshot {
+    pub tick: u64,
+    pub cars: Arc<Vec<CarSample>>,
+    /// The `Roster` and `State` frames for a new session, encoded once per tick.
+    pub frames: bytes::Bytes,
+}
+
+/// A session registered for datagrams.
+#[derive(Clone)]
+pub(crate) struct Member {
+    pub conn: quinn::Connection,
+    /// WebTransport datagram header (quarter stream id) of this session.
+    pub header: Arc<[u8]>,
+}
+
+/// State shared by the accept loop, the tick loop, the sessions and the HTTP side.
+pub(crate) struct Shared {
+    pub args: ServeArgs,
+    pub quant: Quantisation,
+    pub latest: watch::Receiver<Arc<Snapshot>>,
+    pub roster_events: broadcast::Sender<Arc<StreamMessage>>,
+    pub members: Mutex<HashMap<u64, Member>>,
+    pub stats: Stats,
+    pub sessions: AtomicUsize,
+    pub next_session: AtomicU64,
+    pub allowed_origins: Vec<String>,
+    pub cert_hash: Option<String>,
+    pub roads: Vec<Road>,
+}
+
+/// A running server.
+pub struct Server {
+    /// Local address of the WebTransport (UDP) endpoint.
+    pub wt_addr: SocketAddr,
+    /// Local address of the HTTP (TCP) listener.
+    pub http_addr: SocketAddr,
+    /// SHA-256 of the certificate, lowercase hex, when self-signed.
+    pub cert_hash: Option<String>,
+    shared: Arc<Shared>,
+    token: CancellationToken,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl Server {
+    /// Starts every part of the server and returns once the sockets are bound.
+    pub async fn start(args: ServeArgs) -> Result<Server> {
+        let now = SystemTime::now();
+        let identity = match (&args.cert, &args.key) {
+            (Some(cert), Some(key)) => certs::from_files(cert, key).await?,
+            (None, None) => certs::self_signed(&args.cert_dir, &args.cert_names(), now).await?,
+            _ => anyhow::bail!("--cert and --key go together"),
+        };
+        info!(
+            "certificate: {} (expires {})",
+            identity.source,
+            humantime_utc(identity.not_after)
+        );
+
+        let socket = net::bind_udp(args.wt_listen, args.udp_buffer)?;
+        let server_config = net::server_config(socket, identity.identity, &args)?;
+        let endpoint = Endpoint::server(server_config).context("starting QUIC endpoint")?;
+        let wt_addr = endpoint.local_addr()?;
+
+        let http_listener = tokio::net::TcpListener::bind(args.http_listen)
+            .await
+            .with_context(|| format!("binding HTTP on {}", args.http_listen))?;
+        let http_addr = http_listener.local_addr()?;
+
+        let sim_config = SimConfig {
+            cars: args.cars,
+            area_m: args.area_m,
+            block_m: args.block_m,
+            seed: args.seed,
+        };
+        let sim = Simulator::new(&sim_config);
+        let quant = Quantisation::for_area(args.origin_lat, args.origin_lon, args.area_m);
+        let first = feed::initial_snapshot(&sim, &quant, now_us());
+        let (latest_tx, latest_rx) = watch::channel(Arc::new(first));
+        let (roster_events, _) = broadcast::channel(64);
+
+        let allowed_origins = config::allowed_origins(&args.allow_origin, http_addr.port());
+        let shared = Arc::new(Shared {
+            quant,
+            latest: latest_rx,
+            roster_events,
+            members: Mutex::new(HashMap::new()),
+            stats: Stats::default(),
+            sessions: AtomicUsize::new(0),
+            next_session: AtomicU64::new(1),
+            allowed_origins,
+            cert_hash: identity.hash_hex.clone(),
+            roads: sim.roads(),
+            args,
+        });
+
+        let token = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        tracker.spawn(feed::run(shared.clone(), sim, latest_tx, token.clone()));
+        let http = tokio::spawn(http::serve(http_listener, shared.clone(), token.clone()));
+
+        let accept_token = token.clone();
+        let done = tokio::spawn({
+            let shared = shared.clone();
+            async move {
+                session::accept_loop(&endpoint, &shared, &tracker, &accept_token).await;
+                // The accept loop has returned, so closing the endpoint cannot race accept().
+                tracker.close();
+                let grace = shared.args.shutdown_timeout;
+                if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+                    warn!(
+                        "{} sessions still open after {:?}; closing them",
+                        shared.sessions.load(Ordering::Relaxed),
+                        grace
+                    );
+                }
+                endpoint.close(CloseCode::GoingAway.code().into(), b"server shutting down");
+                let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+                let _ = http.await;
+                info!("shutdown complete");
+            }
+        });
+
+        Ok(Server {
+            wt_addr,
+            http_addr,
+            cert_hash: identity.hash_hex,
+            shared,
+            token,
+            done,
+        })
+    }
+
+    /// Starts the graceful shutdown; [`Server::wait`] returns when it is complete.
+    pub fn shutdown(&self) {
+        self.token.cancel();
+    }
+
+    /// Waits until the server has shut down.
+    pub async fn wait(self) {
+        let _ = self.done.await;
+    }
+
+    /// Live counters.
+    pub fn stats(&self) -> &Stats {
+        &self.shared.stats
+    }
+
+    /// Sessions open right now.
+    pub fn sessions(&self) -> usize {
+        self.shared.sessions.load(Ordering::Relaxed)
+    }
+}
+
+/// Wall-clock microseconds since the Unix epoch.
+pub fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+fn humantime_utc(t: SystemTime) -> String {
+    let t = time::OffsetDateTime::from(t);
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02} UTC",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute()
+    )
+}
+
+/// Endpoint type of the server side.
+pub(crate) type ServerEndpoint = Endpoint<endpoint_side::Server>;

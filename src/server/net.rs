@@ -1,0 +1,80 @@
+//! The server's UDP socket and QUIC transport limits.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use socket2::{Domain, Protocol, Socket, Type};
+use tracing::{info, warn};
+use wtransport::{Identity, ServerConfig};
+
+use super::ServeArgs;
+
+/// Binds a UDP socket with `buffer` bytes of send and receive buffer (dual-stack for `[::]`).
+///
+/// The kernel default (~208 KiB) drops datagrams from about a hundred sessions on; the kernel
+/// may grant less than asked (`net.core.rmem_max`), which is logged.
+pub fn bind_udp(addr: SocketAddr, buffer: usize) -> Result<UdpSocket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        // Chromium dials ::1 for localhost while other clients use 127.0.0.1: take both.
+        socket.set_only_v6(false)?;
+    }
+    if let Err(e) = socket.set_recv_buffer_size(buffer) {
+        warn!("cannot set UDP receive buffer to {buffer} B: {e}");
+    }
+    if let Err(e) = socket.set_send_buffer_size(buffer) {
+        warn!("cannot set UDP send buffer to {buffer} B: {e}");
+    }
+    // Linux reports twice the granted size (it counts its own bookkeeping).
+    let granted_recv = socket.recv_buffer_size()? / 2;
+    let granted_send = socket.send_buffer_size()? / 2;
+    if granted_recv < buffer || granted_send < buffer {
+        warn!(
+            "kernel granted UDP buffers of {granted_recv} B (receive) and {granted_send} B (send), \
+             asked for {buffer} B: raise net.core.rmem_max and net.core.wmem_max, or expect \
+             drops under load"
+        );
+    } else {
+        info!("UDP buffers: {granted_recv} B receive, {granted_send} B send");
+    }
+    socket
+        .bind(&addr.into())
+        .with_context(|| format!("binding UDP on {addr}"))?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
+/// QUIC limits for one session, sized for many small sessions rather than a few big flows.
+pub fn transport_config(args: &ServeArgs) -> Result<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(args.idle_timeout).context("--idle-timeout too large")?,
+    ));
+    // Datagrams flow every tick, but with long ticks keep the path (and NAT bindings) alive.
+    t.keep_alive_interval(Some((args.idle_timeout / 3).max(Duration::from_secs(1))));
+    t.datagram_send_buffer_size(args.datagram_send_buffer);
+    t.datagram_receive_buffer_size(Some(args.datagram_recv_buffer));
+    // Clients need the CONNECT stream and the three HTTP/3 control streams; nothing else.
+    t.max_concurrent_bidi_streams(4u32.into());
+    t.max_concurrent_uni_streams(8u32.into());
+    t.stream_receive_window((64u32 * 1024).into());
+    t.receive_window((128u32 * 1024).into());
+    t.send_window(1024 * 1024);
+    Ok(t)
+}
+
+/// The wtransport server configuration around our socket and identity.
+pub fn server_config(socket: UdpSocket, identity: Identity, args: &ServeArgs) -> Result<ServerConfig> {
+    let mut config = ServerConfig::builder()
+        .with_bind_socket(socket)
+        .with_custom_transport(identity, transport_config(args)?)
+        .build();
+    // The endpoint buffers at most this many not-yet-accepted connection attempts.
+    config
+        .quic_config_mut()
+        .max_incoming(args.max_handshakes.max(1))
+        .transport_config(Arc::new(transport_config(args)?));
+    Ok(config)
+}

@@ -1,0 +1,292 @@
+//! Accepting WebTransport sessions and running each one in its own task.
+//!
+//! A session's failure stays inside it: every error ends that session (with a close code the
+//! client can read) and is logged once, in [`handle`].
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{broadcast, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, Instrument};
+use wtransport::endpoint::SessionRequest;
+use wtransport::error::{ConnectionError, StreamOpeningError, StreamWriteError};
+use wtransport::{Connection, SendStream, VarInt};
+
+use super::config::origin_allowed;
+use super::{now_us, Member, ServerEndpoint, Shared, Stats, SESSION_PATH};
+use crate::proto::wire::{CloseCode, Hello, StreamMessage, PROTOCOL_VERSION};
+use crate::proto::wire::webtransport_datagram_header;
+
+/// How long a goodbye may take before the session is closed regardless.
+const GOODBYE_WAIT: Duration = Duration::from_secs(1);
+
+/// Why a session ended.
+#[derive(Debug, thiserror::Error)]
+enum SessionEnd {
+    #[error("client closed or lost: {0}")]
+    Connection(#[from] ConnectionError),
+    #[error("protocol violation: {0}")]
+    Violation(&'static str),
+    #[error("client did not read the reliable stream within {0:?}")]
+    Slow(Duration),
+    #[error("reliable stream failed: {0}")]
+    Stream(#[from] StreamWriteError),
+    #[error("cannot open the reliable stream: {0}")]
+    Opening(StreamOpeningError),
+    #[error("server shutting down")]
+    Shutdown,
+}
+
+/// Accepts connection attempts until `token` is cancelled.
+pub(crate) async fn accept_loop(
+    endpoint: &ServerEndpoint,
+    shared: &Arc<Shared>,
+    tracker: &TaskTracker,
+    token: &CancellationToken,
+) {
+    let handshakes = Arc::new(Semaphore::new(shared.args.max_handshakes.max(1)));
+    loop {
+        let incoming = tokio::select! {
+            biased;
+            _ = token.cancelled() => break,
+            incoming = endpoint.accept() => incoming,
+        };
+        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+            Stats::inc(&shared.stats.refused_busy);
+            incoming.refuse();
+            continue;
+        };
+        let shared = shared.clone();
+        let token = token.clone();
+        tracker.spawn(async move {
+            let remote = incoming.remote_address();
+            // One limit covers the QUIC handshake, HTTP/3 settings and the CONNECT request.
+            let request = tokio::select! {
+                _ = token.cancelled() => return,
+                r = tokio::time::timeout(shared.args.handshake_timeout, incoming) => r,
+            };
+            drop(permit);
+            match request {
+                Ok(Ok(request)) => handle(request, shared, token).await,
+                Ok(Err(e)) => {
+                    Stats::inc(&shared.stats.handshake_failed);
+                    debug!(%remote, "handshake failed: {e}");
+                }
+                Err(_) => {
+                    Stats::inc(&shared.stats.handshake_failed);
+                    debug!(%remote, "no CONNECT within {:?}", shared.args.handshake_timeout);
+                }
+            }
+        });
+    }
+    debug!("accept loop stopped");
+}
+
+/// Gives back a session slot when the session ends, however it ends.
+struct Slot<'a>(&'a Shared);
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.sessions.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Removes the session from the datagram fan-out when it ends.
+struct Registration<'a>(&'a Shared, u64);
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        self.0
+            .members
+            .lock()
+            .expect("members lock poisoned")
+            .remove(&self.1);
+    }
+}
+
+/// Checks a session request and, if it passes, runs the session to its end.
+async fn handle(request: SessionRequest, shared: Arc<Shared>, token: CancellationToken) {
+    let remote = request.remote_address();
+    let path = request.path().split('?').next().unwrap_or_default();
+    if path != SESSION_PATH {
+        Stats::inc(&shared.stats.refused_not_found);
+        debug!(%remote, path = request.path(), "refused: 404");
+        request.not_found().await;
+        return;
+    }
+    if !origin_allowed(&shared.allowed_origins, request.origin()) {
+        Stats::inc(&shared.stats.refused_forbidden);
+        info!(%remote, origin = request.origin(), "refused: origin not allowed (403)");
+        request.forbidden().await;
+        return;
+    }
+    if shared.sessions.fetch_add(1, Ordering::Relaxed) >= shared.args.max_sessions {
+        shared.sessions.fetch_sub(1, Ordering::Relaxed);
+        Stats::inc(&shared.stats.refused_full);
+        debug!(%remote, "refused: --max-sessions reached (429)");
+        request.too_many_requests().await;
+        return;
+    }
+    let _slot = Slot(&shared);
+    let conn = match request.accept().await {
+        Ok(conn) => conn,
+        Err(e) => {
+            debug!(%remote, "session failed while accepting: {e}");
+            return;
+        }
+    };
+    Stats::inc(&shared.stats.sessions_accepted);
+    let id = shared.next_session.fetch_add(1, Ordering::Relaxed);
+    let span = tracing::info_span!("session", id, %remote);
+    async {
+        debug!("opened");
+        let end = run(&conn, &shared, &token, id).await;
+        let (code, reason) = match &end {
+            SessionEnd::Connection(e) => {
+                debug!("ended: {e}");
+                return;
+            }
+            SessionEnd::Shutdown => {
+                Stats::inc(&shared.stats.closed_going_away);
+                debug!("closed: {end}");
+                return; // `run` already said goodbye and closed
+            }
+            SessionEnd::Violation(_) => {
+                Stats::inc(&shared.stats.closed_protocol_violation);
+                (CloseCode::ProtocolViolation, end.to_string())
+            }
+            SessionEnd::Slow(_) => {
+                Stats::inc(&shared.stats.closed_slow);
+                (CloseCode::SlowConsumer, end.to_string())
+            }
+            SessionEnd::Stream(_) | SessionEnd::Opening(_) => (CloseCode::Internal, end.to_string()),
+        };
+        info!(code = code.code(), "closing session: {reason}");
+        conn.close(VarInt::from_u32(code.code()), reason.as_bytes());
+    }
+    .instrument(span)
+    .await;
+}
+
+/// Writes `bytes` on the session's stream within `limit`.
+async fn write(stream: &mut SendStream, bytes: &[u8], limit: Duration) -> Result<(), SessionEnd> {
+    match tokio::time::timeout(limit, stream.write_all(bytes)).await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(SessionEnd::Slow(limit)),
+    }
+}
+
+/// The session's life: initial state, then roster events until it ends.
+async fn run(
+    conn: &Connection,
+    shared: &Shared,
+    token: &CancellationToken,
+    id: u64,
+) -> SessionEnd {
+    match run_inner(conn, shared, token, id).await {
+        Ok(()) => SessionEnd::Shutdown,
+        Err(end) => end,
+    }
+}
+
+async fn run_inner(
+    conn: &Connection,
+    shared: &Shared,
+    token: &CancellationToken,
+    id: u64,
+) -> Result<(), SessionEnd> {
+    let limit = shared.args.write_timeout;
+    let opening = async {
+        let opening = conn.open_uni().await?;
+        opening.await.map_err(SessionEnd::Opening)
+    };
+    let mut stream = match tokio::time::timeout(limit, opening).await {
+        Ok(stream) => stream?,
+        Err(_) => return Err(SessionEnd::Slow(limit)),
+    };
+    // Subscribe and register before reading the snapshot, so no roster event and no tick can
+    // fall between the initial state and what follows it.
+    let mut events = shared.roster_events.subscribe();
+    let header: Arc<[u8]> = webtransport_datagram_header(conn.session_id().into_u64()).into();
+    shared.members.lock().expect("members lock poisoned").insert(
+        id,
+        Member {
+            conn: conn.quic_connection().clone(),
+            header,
+        },
+    );
+    let _registration = Registration(shared, id);
+
+    let mut buf = Vec::with_capacity(4096);
+    StreamMessage::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        tick_interval_ms: shared.args.tick_ms,
+        server_time_us: now_us(),
+        quant: shared.quant,
+        server: concat!("fleetcast/", env!("CARGO_PKG_VERSION")).to_string(),
+    })
+    .encode_frame(&mut buf)
+    .map_err(|_| SessionEnd::Violation("hello does not encode"))?;
+    let snapshot = shared.latest.borrow().clone();
+    buf.extend_from_slice(&snapshot.frames);
+    write(&mut stream, &buf, limit).await?;
+
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => {
+                goodbye(conn, &mut stream, CloseCode::GoingAway, "server shutting down").await;
+                return Ok(());
+            }
+            event = events.recv() => {
+                buf.clear();
+                match event {
+                    Ok(msg) => {
+                        // Invariant: roster events hold ids and labels only; they always encode.
+                        msg.encode_frame(&mut buf).expect("roster events encode");
+                    }
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        // Resynchronise with the full roster and state instead of the missed
+                        // events; the client replaces what it held.
+                        debug!(missed = n, "roster events lagged; resending full state");
+                        let snapshot = shared.latest.borrow().clone();
+                        buf.extend_from_slice(&snapshot.frames);
+                    }
+                    Err(broadcast::error::RecvError::Closed) => continue,
+                }
+                write(&mut stream, &buf, limit).await?;
+            }
+            datagram = conn.receive_datagram() => {
+                datagram?;
+                return Err(SessionEnd::Violation("clients must not send datagrams in protocol v1"));
+            }
+            uni = conn.accept_uni() => {
+                uni?;
+                return Err(SessionEnd::Violation("clients must not open streams in protocol v1"));
+            }
+            bi = conn.accept_bi() => {
+                bi?;
+                return Err(SessionEnd::Violation("clients must not open streams in protocol v1"));
+            }
+            closed = conn.closed() => return Err(closed.into()),
+        }
+    }
+}
+
+/// Tells the client why the session ends, on the stream and in the close code.
+async fn goodbye(conn: &Connection, stream: &mut SendStream, code: CloseCode, reason: &str) {
+    let mut buf = Vec::new();
+    let frame = StreamMessage::Goodbye {
+        code: code.code(),
+        reason: reason.to_string(),
+    };
+    if frame.encode_frame(&mut buf).is_ok() {
+        // `finish` completes once the client has acknowledged the stream's data.
+        let _ = tokio::time::timeout(GOODBYE_WAIT, async {
+            stream.write_all(&buf).await?;
+            stream.finish().await
+        })
+        .await;
+    }
+    conn.close(VarInt::from_u32(code.code()), reason.as_bytes());
+}
