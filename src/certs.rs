@@ -47,7 +47,11 @@ pub async fn self_signed(dir: &Path, names: &[String], now: SystemTime) -> Resul
             let identity = Identity::load_pemfiles(&cert_path, &key_path)
                 .await
                 .with_context(|| format!("loading {}", cert_path.display()))?;
-            return Ok(finish(identity, not_after, format!("reused {}", cert_path.display())));
+            return Ok(finish(
+                identity,
+                not_after,
+                format!("reused {}", cert_path.display()),
+            ));
         }
         Ok(None) => {}
         Err(e) => tracing::warn!("stored certificate unusable, making a new one: {e:#}"),
@@ -58,7 +62,11 @@ pub async fn self_signed(dir: &Path, names: &[String], now: SystemTime) -> Resul
     fs::write(&cert_path, cert_pem.as_bytes())
         .with_context(|| format!("writing {}", cert_path.display()))?;
     let identity = Identity::load_pemfiles(&cert_path, &key_path).await?;
-    Ok(finish(identity, not_after, format!("generated {}", cert_path.display())))
+    Ok(finish(
+        identity,
+        not_after,
+        format!("generated {}", cert_path.display()),
+    ))
 }
 
 /// Loads a CA-issued certificate chain and key.

@@ -6,7 +6,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 use tracing_subscriber::EnvFilter;
 
-use fleetcast::server::{Server, ServeArgs, SESSION_PATH};
+use fleetcast::server::{ServeArgs, Server, SESSION_PATH};
 use fleetcast::watch::{self, WatchArgs};
 
 /// Live vehicle positions over WebTransport datagrams.

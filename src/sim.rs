@@ -112,7 +112,8 @@ impl Simulator {
         let cars = (0..config.cars)
             .map(|id| {
                 let from = rng.random_range(0..nodes.len());
-                let (to, limit_mps) = nodes[from].links[rng.random_range(0..nodes[from].links.len())];
+                let (to, limit_mps) =
+                    nodes[from].links[rng.random_range(0..nodes[from].links.len())];
                 let temper = rng.random_range(0.8..1.05);
                 let len = dist(nodes[from].pos, nodes[to].pos);
                 Car {
@@ -225,7 +226,10 @@ impl Simulator {
                 let t = if len > 0.0 { car.along_m / len } else { 0.0 };
                 let east = a[0] + (b[0] - a[0]) * t;
                 let north = a[1] + (b[1] - a[1]) * t;
-                let heading = (b[0] - a[0]).atan2(b[1] - a[1]).to_degrees().rem_euclid(360.0);
+                let heading = (b[0] - a[0])
+                    .atan2(b[1] - a[1])
+                    .to_degrees()
+                    .rem_euclid(360.0);
                 (
                     car.id,
                     Motion {
@@ -258,7 +262,8 @@ mod tests {
             let now = sim.motions();
             for ((id, a), (id2, b)) in prev.iter().zip(&now) {
                 assert_eq!(id, id2);
-                let moved = ((a.east_m - b.east_m).powi(2) + (a.north_m - b.north_m).powi(2)).sqrt();
+                let moved =
+                    ((a.east_m - b.east_m).powi(2) + (a.north_m - b.north_m).powi(2)).sqrt();
                 // Never faster than the top limit for one second (plus a turn's geometry).
                 assert!(moved <= 17.0, "car {id} jumped {moved} m");
                 assert!(b.speed_mps >= 0.0 && b.speed_mps <= 17.0);

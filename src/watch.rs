@@ -21,7 +21,11 @@ use crate::server::now_us;
 #[derive(Debug, Clone, Args)]
 pub struct WatchArgs {
     /// Session URL.
-    #[arg(long, env = "FLEETCAST_URL", default_value = "https://localhost:4433/positions")]
+    #[arg(
+        long,
+        env = "FLEETCAST_URL",
+        default_value = "https://localhost:4433/positions"
+    )]
     pub url: String,
 
     /// Trust a self-signed certificate with this SHA-256 (hex). Overrides --cert-hash-url.

@@ -118,7 +118,10 @@ mod tests {
         let q = Quantisation::for_area(52.0, 4.0, 4000.0);
         for m in [0.0, 0.034, 1234.5678, 3999.99] {
             let back = q.position_m(q.position_step(m));
-            assert!((back - m).abs() <= f64::from(q.unit_m) / 2.0 + 1e-9, "{m} -> {back}");
+            assert!(
+                (back - m).abs() <= f64::from(q.unit_m) / 2.0 + 1e-9,
+                "{m} -> {back}"
+            );
         }
         assert_eq!(q.position_step(-5.0), 0);
         assert_eq!(q.position_step(1e9), u16::MAX);

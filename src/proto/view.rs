@@ -122,7 +122,10 @@ impl TickTracker {
     /// Records a part's arrival; returns false if it was a duplicate.
     pub fn record(&mut self, tick: u64, part: u16, parts: u16) -> bool {
         let Some(done) = self.finalised_through else {
-            let set = self.early.entry(tick).or_insert_with(|| PartSet::new(parts));
+            let set = self
+                .early
+                .entry(tick)
+                .or_insert_with(|| PartSet::new(parts));
             return Self::mark(&mut self.counts, set, part, parts);
         };
         if tick <= done {
@@ -412,7 +415,10 @@ mod tests {
         v.apply_part(&part(1, 0, 1, vec![]));
         v.finish();
         let c = v.counts();
-        assert_eq!((c.received, c.complete, c.missed, c.late_parts), (1, 1, 9, 1));
+        assert_eq!(
+            (c.received, c.complete, c.missed, c.late_parts),
+            (1, 1, 9, 1)
+        );
     }
 
     #[test]

@@ -245,8 +245,8 @@ impl<'de> Deserialize<'de> for CarList {
                     seq.next_element::<(u32, [u8; 2], [u8; 2], u8, u8, u8)>()?
                 {
                     let id = next_min + u64::from(gap);
-                    let id = u32::try_from(id)
-                        .map_err(|_| de::Error::custom("car id overflows u32"))?;
+                    let id =
+                        u32::try_from(id).map_err(|_| de::Error::custom("car id overflows u32"))?;
                     next_min = u64::from(id) + 1;
                     cars.push(CarSample {
                         id,

@@ -44,7 +44,8 @@ pub fn parse_bytes(s: &str) -> Result<usize, String> {
         .trim()
         .parse()
         .map_err(|_| format!("'{s}' is not a size like 65536, 64KiB or 4MiB"))?;
-    n.checked_mul(mult).ok_or_else(|| format!("'{s}' is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("'{s}' is too large"))
 }
 
 /// `fleetcast serve` options.
@@ -68,13 +69,21 @@ pub struct ServeArgs {
     pub tick_ms: u32,
 
     /// Latitude of the simulated area's south-west corner, degrees.
-    #[arg(long, env = "FLEETCAST_ORIGIN_LAT", default_value_t = 52.35,
-          allow_negative_numbers = true)]
+    #[arg(
+        long,
+        env = "FLEETCAST_ORIGIN_LAT",
+        default_value_t = 52.35,
+        allow_negative_numbers = true
+    )]
     pub origin_lat: f64,
 
     /// Longitude of the simulated area's south-west corner, degrees.
-    #[arg(long, env = "FLEETCAST_ORIGIN_LON", default_value_t = 4.86,
-          allow_negative_numbers = true)]
+    #[arg(
+        long,
+        env = "FLEETCAST_ORIGIN_LON",
+        default_value_t = 4.86,
+        allow_negative_numbers = true
+    )]
     pub origin_lon: f64,
 
     /// Side of the simulated square area, metres (at most 6.5 km keeps 10 cm resolution).
@@ -106,7 +115,11 @@ pub struct ServeArgs {
 
     /// Extra DNS names or IP addresses for the self-signed certificate (localhost, 127.0.0.1
     /// and ::1 are always included).
-    #[arg(long = "cert-name", env = "FLEETCAST_CERT_NAMES", value_delimiter = ',')]
+    #[arg(
+        long = "cert-name",
+        env = "FLEETCAST_CERT_NAMES",
+        value_delimiter = ','
+    )]
     pub cert_name: Vec<String>,
 
     /// PEM certificate chain issued by a CA (instead of the self-signed one). Needs --key.

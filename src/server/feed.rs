@@ -110,7 +110,12 @@ pub(crate) async fn run(
         }
         let time_us = now_us();
         let cars = Arc::new(samples(&sim, &shared.quant, 0));
-        latest.send_replace(Arc::new(snapshot(tick, time_us, &roster_list, cars.clone())));
+        latest.send_replace(Arc::new(snapshot(
+            tick,
+            time_us,
+            &roster_list,
+            cars.clone(),
+        )));
         let started = std::time::Instant::now();
         let sent = fan_out(&shared, tick, time_us, &cars).await;
         Stats::inc(&shared.stats.ticks);

@@ -20,7 +20,10 @@ use super::{Shared, SESSION_PATH};
 pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, token: CancellationToken) {
     let web_root = shared.args.web_root.clone();
     if !web_root.join("index.html").exists() {
-        warn!("no index.html in {}: the web demo is not served", web_root.display());
+        warn!(
+            "no index.html in {}: the web demo is not served",
+            web_root.display()
+        );
     }
     let app = Router::new()
         .route("/certificate.sha256", get(certificate_hash))

@@ -66,7 +66,11 @@ pub fn transport_config(args: &ServeArgs) -> Result<quinn::TransportConfig> {
 }
 
 /// The wtransport server configuration around our socket and identity.
-pub fn server_config(socket: UdpSocket, identity: Identity, args: &ServeArgs) -> Result<ServerConfig> {
+pub fn server_config(
+    socket: UdpSocket,
+    identity: Identity,
+    args: &ServeArgs,
+) -> Result<ServerConfig> {
     let mut config = ServerConfig::builder()
         .with_bind_socket(socket)
         .with_custom_transport(identity, transport_config(args)?)

@@ -17,8 +17,8 @@ use wtransport::{Connection, SendStream, VarInt};
 
 use super::config::origin_allowed;
 use super::{now_us, Member, ServerEndpoint, Shared, Stats, SESSION_PATH};
-use crate::proto::wire::{CloseCode, Hello, StreamMessage, PROTOCOL_VERSION};
 use crate::proto::wire::webtransport_datagram_header;
+use crate::proto::wire::{CloseCode, Hello, StreamMessage, PROTOCOL_VERSION};
 
 /// How long a goodbye may take before the session is closed regardless.
 const GOODBYE_WAIT: Duration = Duration::from_secs(1);
@@ -160,7 +160,9 @@ async fn handle(request: SessionRequest, shared: Arc<Shared>, token: Cancellatio
                 Stats::inc(&shared.stats.closed_slow);
                 (CloseCode::SlowConsumer, end.to_string())
             }
-            SessionEnd::Stream(_) | SessionEnd::Opening(_) => (CloseCode::Internal, end.to_string()),
+            SessionEnd::Stream(_) | SessionEnd::Opening(_) => {
+                (CloseCode::Internal, end.to_string())
+            }
         };
         info!(code = code.code(), "closing session: {reason}");
         conn.close(VarInt::from_u32(code.code()), reason.as_bytes());
@@ -178,12 +180,7 @@ async fn write(stream: &mut SendStream, bytes: &[u8], limit: Duration) -> Result
 }
 
 /// The session's life: initial state, then roster events until it ends.
-async fn run(
-    conn: &Connection,
-    shared: &Shared,
-    token: &CancellationToken,
-    id: u64,
-) -> SessionEnd {
+async fn run(conn: &Connection, shared: &Shared, token: &CancellationToken, id: u64) -> SessionEnd {
     match run_inner(conn, shared, token, id).await {
         Ok(()) => SessionEnd::Shutdown,
         Err(end) => end,
@@ -209,13 +206,17 @@ async fn run_inner(
     // fall between the initial state and what follows it.
     let mut events = shared.roster_events.subscribe();
     let header: Arc<[u8]> = webtransport_datagram_header(conn.session_id().into_u64()).into();
-    shared.members.lock().expect("members lock poisoned").insert(
-        id,
-        Member {
-            conn: conn.quic_connection().clone(),
-            header,
-        },
-    );
+    shared
+        .members
+        .lock()
+        .expect("members lock poisoned")
+        .insert(
+            id,
+            Member {
+                conn: conn.quic_connection().clone(),
+                header,
+            },
+        );
     let _registration = Registration(shared, id);
 
     let mut buf = Vec::with_capacity(4096);
