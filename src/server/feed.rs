@@ -94,7 +94,7 @@ pub(crate) async fn run(
         }
         tick += 1;
         sim.step(period.as_secs_f64());
-        if shared.args.churn_ticks > 0 && tick % shared.args.churn_ticks == 0 {
+        if shared.args.churn_ticks > 0 && tick.is_multiple_of(shared.args.churn_ticks) {
             let (gone, joined) = sim.churn();
             roster_list = roster(&sim);
             // Nobody listening is fine: there are no sessions.
@@ -124,6 +124,9 @@ pub(crate) async fn run(
     debug!("tick loop stopped");
 }
 
+/// One tick's datagrams for one session header and payload budget.
+type Encoded = Arc<Vec<Bytes>>;
+
 /// Encodes this tick's datagrams for one header and budget.
 fn encode(
     tick: u64,
@@ -131,7 +134,7 @@ fn encode(
     cars: &[CarSample],
     header: &[u8],
     budget: usize,
-) -> Option<Arc<Vec<Bytes>>> {
+) -> Option<Encoded> {
     match pack_tick(tick, time_us, cars, budget) {
         Ok(parts) => Some(Arc::new(
             parts
@@ -162,7 +165,7 @@ async fn fan_out(shared: &Shared, tick: u64, time_us: u64, cars: &[CarSample]) -
         .collect();
     let budget = shared.args.datagram_budget as usize;
     // Encodings by (session header, payload budget): nearly every session shares one.
-    let mut encodings: HashMap<(Arc<[u8]>, usize), Option<Arc<Vec<Bytes>>>> = HashMap::new();
+    let mut encodings: HashMap<(Arc<[u8]>, usize), Option<Encoded>> = HashMap::new();
     let stats = &shared.stats;
     let (mut sent, mut bytes) = (0u64, 0u64);
     for (i, member) in members.iter().enumerate() {

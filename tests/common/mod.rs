@@ -1,0 +1,130 @@
+//! Test helpers: a real server on ephemeral loopback ports and real clients for it.
+#![allow(dead_code)]
+
+pub mod relay;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use fleetcast::client::{self, ClientOptions, Event, Session, Trust};
+use fleetcast::proto::view::FleetView;
+use fleetcast::proto::wire::{StreamMessage, TickPart};
+use fleetcast::server::{ServeArgs, Server};
+use wtransport::endpoint::endpoint_side;
+use wtransport::Endpoint;
+
+/// A server started for one test, with its certificate directory.
+pub struct TestServer {
+    pub server: Server,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestServer {
+    /// Starts a server with 100 cars and fast ticks; `tweak` adjusts the options.
+    pub async fn start(tweak: impl FnOnce(&mut ServeArgs)) -> TestServer {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut args = ServeArgs::ephemeral(dir.path().to_path_buf());
+        args.tick_ms = 100;
+        tweak(&mut args);
+        let server = Server::start(args).await.expect("server starts");
+        TestServer { server, dir }
+    }
+
+    /// Session URL on `[::1]` (where the server listens).
+    pub fn url(&self) -> String {
+        url_for(self.server.wt_addr, "/positions")
+    }
+
+    /// A client endpoint that trusts this server's certificate.
+    pub fn endpoint(&self) -> Endpoint<endpoint_side::Client> {
+        let hash = self.server.cert_hash.as_deref().expect("self-signed");
+        let trust = Trust::Hashes(vec![client::parse_hash(hash).unwrap()]);
+        client::endpoint(&ClientOptions::new(trust)).expect("client endpoint")
+    }
+
+    /// Opens a session at the session URL.
+    pub async fn open(&self) -> (Endpoint<endpoint_side::Client>, Session) {
+        let endpoint = self.endpoint();
+        let session = client::open(&endpoint, &self.url(), None)
+            .await
+            .expect("session opens");
+        (endpoint, session)
+    }
+
+    /// A counter from the server's stats.
+    pub fn counter(&self, name: &str) -> u64 {
+        self.server.stats().get(name).expect("known counter")
+    }
+
+    /// Fetches `/healthz` over real HTTP.
+    pub async fn healthz(&self) -> serde_json::Value {
+        let url = format!("http://{}/healthz", self.server.http_addr);
+        let text = reqwest::get(&url).await.unwrap().text().await.unwrap();
+        serde_json::from_str(&text).unwrap()
+    }
+}
+
+/// `https://[::1]:PORT/path` for an address.
+pub fn url_for(addr: SocketAddr, path: &str) -> String {
+    format!("https://[::1]:{}{path}", addr.port())
+}
+
+/// Reads events into `view` until `done` says so or `limit` passes; returns false on timeout.
+pub async fn follow(
+    session: &mut Session,
+    view: &mut FleetView,
+    limit: Duration,
+    mut done: impl FnMut(&FleetView, Option<&TickPart>) -> bool,
+) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let event = tokio::time::timeout_at(deadline, session.next()).await;
+        match event {
+            Err(_) => return false,
+            Ok(Err(end)) => panic!("session ended early: {end}"),
+            Ok(Ok(Event::Message(msg))) => {
+                view.apply_message(msg);
+                if done(view, None) {
+                    return true;
+                }
+            }
+            Ok(Ok(Event::Datagram(bytes))) => {
+                let part = TickPart::decode(&bytes).expect("server datagrams decode");
+                view.apply_part(&part);
+                if done(view, Some(&part)) {
+                    return true;
+                }
+            }
+        }
+    }
+}
+
+/// Reads until the initial state has arrived.
+pub async fn initial_state(session: &mut Session) -> FleetView {
+    let mut view = FleetView::new();
+    assert!(
+        follow(session, &mut view, Duration::from_secs(10), |v, _| v
+            .initial_cars()
+            .is_some())
+        .await,
+        "no initial state within 10 s"
+    );
+    view
+}
+
+/// Waits for the session to end and returns how.
+pub async fn ended(session: &mut Session, limit: Duration) -> fleetcast::client::Ended {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, session.next()).await {
+            Err(_) => panic!("session still open after {limit:?}"),
+            Ok(Err(end)) => return end,
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// True if a message is a Goodbye.
+pub fn is_goodbye(msg: &StreamMessage) -> bool {
+    matches!(msg, StreamMessage::Goodbye { .. })
+}

@@ -1,0 +1,382 @@
+//! End-to-end tests: a real server and real WebTransport clients on loopback sockets.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::relay::{Impairment, Relay};
+use common::{follow, initial_state, TestServer};
+use fleetcast::client::{self, Event};
+use fleetcast::proto::view::FleetView;
+use fleetcast::proto::wire::{CloseCode, StreamMessage, TickPart};
+
+type Fix = (u64, (f64, f64));
+
+#[tokio::test]
+async fn session_gets_full_initial_state_then_consecutive_moving_ticks() {
+    let ts = TestServer::start(|_| {}).await;
+    let (_ep, mut session) = ts.open().await;
+    let mut view = initial_state(&mut session).await;
+    let hello = view.hello().expect("hello comes first").clone();
+    assert_eq!(hello.version, 1);
+    assert_eq!(hello.tick_interval_ms, 100);
+    assert_eq!(view.initial_cars(), Some(100));
+    assert_eq!(view.cars().len(), 100);
+    assert!(view.cars().values().all(|c| c.sample.is_some()));
+
+    // Follow until three consecutive complete ticks, recording every car's track.
+    // Per car: (tick, (east m, north m)) in arrival order.
+    let mut tracks: HashMap<u32, Vec<Fix>> = HashMap::new();
+    let mut consecutive = Vec::new();
+    let ok = follow(
+        &mut session,
+        &mut view,
+        Duration::from_secs(10),
+        |v, part| {
+            let Some(part) = part else { return false };
+            let q = v.hello().unwrap().quant;
+            for car in &part.cars.0 {
+                let pos = (q.position_m(car.x), q.position_m(car.y));
+                tracks.entry(car.id).or_default().push((part.tick, pos));
+            }
+            if consecutive
+                .last()
+                .is_some_and(|&t: &u64| t + 1 != part.tick)
+            {
+                consecutive.clear();
+            }
+            consecutive.push(part.tick);
+            consecutive.len() >= 4
+        },
+    )
+    .await;
+    assert!(ok, "no 4 consecutive ticks within 10 s");
+    assert_eq!(tracks.len(), 100, "every car in every tick");
+    let mut moved = 0;
+    for track in tracks.values() {
+        for w in track.windows(2) {
+            let ((t0, a), (t1, b)) = (w[0], w[1]);
+            let d = ((a.0 - b.0).powi(2) + (a.1 - b.1).powi(2)).sqrt();
+            // 0.1 s ticks: at most ~17 m/s, so under 2 m per tick (plus quantisation).
+            assert!(
+                d < 2.0 * (t1 - t0) as f64,
+                "car jumped {d} m in {} ticks",
+                t1 - t0
+            );
+            if d > 0.1 {
+                moved += 1;
+            }
+        }
+    }
+    assert!(moved > 100, "cars barely moved ({moved} moves)");
+}
+
+#[tokio::test]
+async fn hundred_cars_fit_one_datagram_at_about_eight_bytes_per_car() {
+    let ts = TestServer::start(|_| {}).await;
+    let (_ep, mut session) = ts.open().await;
+    let mut view = initial_state(&mut session).await;
+    let mut sizes = Vec::new();
+    loop {
+        match session.next().await.expect("session open") {
+            Event::Datagram(bytes) => {
+                let part = TickPart::decode(&bytes).unwrap();
+                view.apply_part(&part);
+                assert_eq!(part.parts, 1);
+                sizes.push((bytes.len(), part.cars.0.len()));
+                if sizes.len() == 3 {
+                    break;
+                }
+            }
+            Event::Message(m) => view.apply_message(m),
+        }
+    }
+    for (len, cars) in sizes {
+        assert_eq!(cars, 100);
+        // 8 bytes per car plus a header of at most 20 bytes.
+        assert!(len <= 100 * 8 + 20, "{len} bytes for {cars} cars");
+    }
+}
+
+#[tokio::test]
+async fn lossy_reordering_path_skips_ticks_and_never_goes_back_in_time() {
+    let ts = TestServer::start(|a| a.tick_ms = 50).await;
+    let relay = Relay::start(
+        ts.server.wt_addr,
+        Impairment {
+            drop: 0.25,
+            delay_share: 0.15,
+            delay: Duration::from_millis(120),
+            grace_packets: 20,
+        },
+        7,
+    )
+    .await;
+    let endpoint = ts.endpoint();
+    let url = common::url_for(relay.addr, "/positions");
+    let mut session = client::open(&endpoint, &url, None).await.expect("opens");
+    let mut view = initial_state(&mut session).await;
+    let mut held: HashMap<u32, u64> = HashMap::new();
+    let mut regressions = 0;
+    let mut parts = 0;
+    follow(
+        &mut session,
+        &mut view,
+        Duration::from_secs(6),
+        |v, part| {
+            if part.is_some() {
+                parts += 1;
+                for (id, entry) in v.cars() {
+                    let prev = held.insert(*id, entry.tick).unwrap_or(0);
+                    if entry.tick < prev {
+                        regressions += 1;
+                    }
+                }
+            }
+            false
+        },
+    )
+    .await;
+    view.finish();
+    let c = view.counts();
+    assert!(relay.dropped.load(std::sync::atomic::Ordering::Relaxed) > 10);
+    assert!(parts > 20, "only {parts} datagrams got through");
+    assert!(c.missed > 0, "loss did not show as missed ticks: {c:?}");
+    assert!(c.received > 20, "{c:?}");
+    assert_eq!(regressions, 0, "a car went back in time");
+    // Every car still has a position despite the loss.
+    assert_eq!(
+        view.cars().values().filter(|c| c.sample.is_some()).count(),
+        100
+    );
+}
+
+#[tokio::test]
+async fn client_datagram_closes_only_that_session() {
+    let ts = TestServer::start(|_| {}).await;
+    let (_ep1, mut bad) = ts.open().await;
+    let (_ep2, mut good) = ts.open().await;
+    let _ = initial_state(&mut bad).await;
+    let mut good_view = initial_state(&mut good).await;
+    bad.connection().send_datagram(b"\x00garbage").unwrap();
+    let end = common::ended(&mut bad, Duration::from_secs(5)).await;
+    assert_eq!(
+        end.close_code(),
+        Some(CloseCode::ProtocolViolation),
+        "{end}"
+    );
+    assert!(end.reason.contains("datagram"), "{}", end.reason);
+    assert_eq!(ts.counter("closed_protocol_violation"), 1);
+    // The other session keeps receiving ticks.
+    let before = good_view.counts().received;
+    assert!(
+        follow(&mut good, &mut good_view, Duration::from_secs(5), |v, _| {
+            v.counts().received >= before + 3
+        })
+        .await
+    );
+    assert_eq!(ts.healthz().await["status"], "ok");
+}
+
+#[tokio::test]
+async fn client_stream_with_garbage_closes_only_that_session() {
+    let ts = TestServer::start(|_| {}).await;
+    let (_ep1, mut bad) = ts.open().await;
+    let (_ep2, mut good) = ts.open().await;
+    let _ = initial_state(&mut bad).await;
+    let mut good_view = initial_state(&mut good).await;
+    let mut stream = bad.connection().open_uni().await.unwrap().await.unwrap();
+    stream.write_all(&[0xff; 64]).await.unwrap();
+    let end = common::ended(&mut bad, Duration::from_secs(5)).await;
+    assert_eq!(
+        end.close_code(),
+        Some(CloseCode::ProtocolViolation),
+        "{end}"
+    );
+    assert!(end.reason.contains("stream"), "{}", end.reason);
+    let before = good_view.counts().received;
+    assert!(
+        follow(&mut good, &mut good_view, Duration::from_secs(5), |v, _| {
+            v.counts().received >= before + 3
+        })
+        .await
+    );
+}
+
+#[tokio::test]
+async fn raw_udp_garbage_is_ignored_and_sessions_continue() {
+    let ts = TestServer::start(|_| {}).await;
+    let (_ep, mut good) = ts.open().await;
+    let mut view = initial_state(&mut good).await;
+    let junk = tokio::net::UdpSocket::bind("[::1]:0").await.unwrap();
+    for i in 0..200u32 {
+        let mut packet = vec![(i % 256) as u8; 1 + (i as usize * 37) % 1400];
+        packet[0] = if i % 2 == 0 { 0xc0 } else { 0x40 }; // long and short header bits
+        junk.send_to(&packet, ts.server.wt_addr).await.unwrap();
+    }
+    let before = view.counts().received;
+    assert!(
+        follow(&mut good, &mut view, Duration::from_secs(5), |v, _| {
+            v.counts().received >= before + 3
+        })
+        .await
+    );
+    assert_eq!(ts.healthz().await["status"], "ok");
+}
+
+#[tokio::test]
+async fn wrong_path_bad_origin_and_full_server_are_refused_with_reasons() {
+    let ts = TestServer::start(|a| a.max_sessions = 2).await;
+    let ep = ts.endpoint();
+
+    let wrong = common::url_for(ts.server.wt_addr, "/nope");
+    assert!(client::open(&ep, &wrong, None).await.is_err());
+    assert_eq!(ts.counter("refused_not_found"), 1);
+
+    let evil = client::open(&ep, &ts.url(), Some("https://evil.example")).await;
+    assert!(evil.is_err());
+    assert_eq!(ts.counter("refused_forbidden"), 1);
+
+    // The server's own page origin and a query string are fine.
+    let own = format!("http://localhost:{}", ts.server.http_addr.port());
+    let mut a = client::open(&ep, &format!("{}?v=1", ts.url()), Some(&own))
+        .await
+        .expect("own origin allowed");
+    let (_ep2, mut b) = ts.open().await;
+    let _ = initial_state(&mut a).await;
+    let mut b_view = initial_state(&mut b).await;
+    let third = client::open(&ep, &ts.url(), None).await;
+    assert!(third.is_err(), "third session should get 429");
+    assert_eq!(ts.counter("refused_full"), 1);
+
+    // After one leaves, there is room again; the others never noticed.
+    a.close();
+    let mut opened = None;
+    for _ in 0..50 {
+        if let Ok(s) = client::open(&ep, &ts.url(), None).await {
+            opened = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(opened.is_some(), "slot was not released");
+    let before = b_view.counts().received;
+    assert!(
+        follow(&mut b, &mut b_view, Duration::from_secs(5), |v, _| {
+            v.counts().received >= before + 2
+        })
+        .await
+    );
+}
+
+#[tokio::test]
+async fn shutdown_says_goodbye_and_closes_with_going_away() {
+    let ts = TestServer::start(|_| {}).await;
+    let (_ep, mut session) = ts.open().await;
+    let _ = initial_state(&mut session).await;
+    ts.server.shutdown();
+    let mut goodbye = None;
+    let end = loop {
+        match tokio::time::timeout(Duration::from_secs(5), session.next()).await {
+            Err(_) => panic!("no close within 5 s"),
+            Ok(Ok(Event::Message(m @ StreamMessage::Goodbye { .. }))) => goodbye = Some(m),
+            Ok(Ok(_)) => {}
+            Ok(Err(end)) => break end,
+        }
+    };
+    assert_eq!(
+        goodbye,
+        Some(StreamMessage::Goodbye {
+            code: 1,
+            reason: "server shutting down".into()
+        })
+    );
+    assert_eq!(end.close_code(), Some(CloseCode::GoingAway), "{end}");
+    tokio::time::timeout(Duration::from_secs(10), ts.server.wait())
+        .await
+        .expect("shutdown completes");
+}
+
+#[tokio::test]
+async fn roster_churn_arrives_on_the_stream_and_the_view_follows() {
+    let ts = TestServer::start(|a| a.churn_ticks = 3).await;
+    let (_ep, mut session) = ts.open().await;
+    let mut view = initial_state(&mut session).await;
+    let mut added = 0;
+    let mut removed = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while added < 2 || removed < 2 {
+        let event = tokio::time::timeout_at(deadline, session.next())
+            .await
+            .expect("churn within 10 s")
+            .expect("session open");
+        match event {
+            Event::Message(msg) => {
+                match &msg {
+                    StreamMessage::CarsAdded(c) => added += c.len(),
+                    StreamMessage::CarsRemoved(ids) => removed += ids.len(),
+                    _ => {}
+                }
+                view.apply_message(msg);
+            }
+            Event::Datagram(b) => {
+                view.apply_part(&TickPart::decode(&b).unwrap());
+            }
+        }
+    }
+    assert_eq!(view.cars().len(), 100);
+    assert!(!view.cars().contains_key(&0), "car 0 retired first");
+    assert!(view.cars().contains_key(&100), "car 100 joined");
+}
+
+#[tokio::test]
+async fn watch_reconnects_after_a_restart_on_the_same_ports() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = fleetcast::server::ServeArgs::ephemeral(dir.path().to_path_buf());
+    args.tick_ms = 100;
+    let first = fleetcast::server::Server::start(args.clone())
+        .await
+        .unwrap();
+    args.wt_listen = first.wt_addr;
+    args.http_listen = first.http_addr;
+    let watch_args = fleetcast::watch::WatchArgs {
+        url: common::url_for(first.wt_addr, "/positions"),
+        cert_hash: None,
+        cert_hash_url: Some(format!("http://{}/certificate.sha256", first.http_addr)),
+        origin: None,
+        duration: Some(Duration::from_secs(6)),
+        json: true,
+        max_backoff: Duration::from_millis(500),
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    let watcher = tokio::spawn(fleetcast::watch::run(watch_args, stop));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    first.shutdown();
+    first.wait().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = fleetcast::server::Server::start(args).await.unwrap();
+    let report = watcher.await.unwrap().unwrap();
+    assert!(report.sessions >= 2, "{report:?}");
+    assert!(report.ticks_received >= 20, "{report:?}");
+    assert_eq!(report.initial_cars, 100);
+    second.shutdown();
+    second.wait().await;
+}
+
+#[tokio::test]
+async fn fleet_view_tick_counts_match_the_server_on_a_clean_path() {
+    let ts = TestServer::start(|_| {}).await;
+    let (_ep, mut session) = ts.open().await;
+    let mut view = initial_state(&mut session).await;
+    follow(&mut session, &mut view, Duration::from_secs(2), |_, _| {
+        false
+    })
+    .await;
+    view.finish();
+    let c = view.counts();
+    assert_eq!(c.missed, 0, "{c:?}");
+    assert_eq!(c.partial, 0, "{c:?}");
+    assert!(c.complete >= 10, "{c:?}");
+    let _ = FleetView::new();
+}
