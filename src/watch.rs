@@ -111,6 +111,9 @@ pub struct Report {
     pub datagrams: u64,
     /// Datagram payload bytes received.
     pub bytes: u64,
+    /// UDP payload bytes received by the client's QUIC connections (everything on the wire:
+    /// handshake, stream, datagrams, QUIC headers and tags).
+    pub udp_bytes: u64,
     /// Datagrams that did not decode.
     pub decode_errors: u64,
     /// Sessions opened (1 + reconnections).
@@ -275,6 +278,7 @@ pub async fn run(args: WatchArgs, stop: CancellationToken) -> Result<Report> {
                         let _ = std::io::stderr().flush();
                     }
                 };
+                report.udp_bytes += session.connection().quic_connection().stats().udp_rx.bytes;
                 view.finish();
                 report.add_counts(view.counts());
                 report.initial_cars = view.initial_cars().unwrap_or(0);
