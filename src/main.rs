@@ -20,7 +20,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the server with the built-in fleet simulator.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Follow the fleet from the command line and report what arrives.
     Watch(WatchArgs),
 }
@@ -36,7 +36,7 @@ async fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(*args).await,
         Command::Watch(args) => {
             let json = args.json;
             let stop = CancellationToken::new();

@@ -95,7 +95,7 @@ impl Simulator {
             }
         }
         // Every third street is an avenue with a higher limit.
-        let limit = |line: usize| if line % 3 == 0 { 16.0 } else { 11.0 };
+        let limit = |line: usize| if line.is_multiple_of(3) { 16.0 } else { 11.0 };
         for row in 0..n {
             for col in 0..n {
                 let i = row * n + col;

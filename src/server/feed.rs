@@ -94,7 +94,7 @@ pub(crate) async fn run(
         }
         tick += 1;
         sim.step(period.as_secs_f64());
-        if shared.args.churn_ticks > 0 && tick % shared.args.churn_ticks == 0 {
+        if shared.args.churn_ticks > 0 && tick.is_multiple_of(shared.args.churn_ticks) {
             let (gone, joined) = sim.churn();
             roster_list = roster(&sim);
             // Nobody listening is fine: there are no sessions.
@@ -151,6 +151,9 @@ fn encode(
     }
 }
 
+/// A session's datagram header and payload budget: sessions that share both share an encoding.
+type EncodingKey = (Arc<[u8]>, usize);
+
 /// Sends the tick to every registered session; returns the number of datagrams queued.
 async fn fan_out(shared: &Shared, tick: u64, time_us: u64, cars: &[CarSample]) -> u64 {
     let members: Vec<Member> = shared
@@ -162,7 +165,7 @@ async fn fan_out(shared: &Shared, tick: u64, time_us: u64, cars: &[CarSample]) -
         .collect();
     let budget = shared.args.datagram_budget as usize;
     // Encodings by (session header, payload budget): nearly every session shares one.
-    let mut encodings: HashMap<(Arc<[u8]>, usize), Option<Arc<Vec<Bytes>>>> = HashMap::new();
+    let mut encodings: HashMap<EncodingKey, Option<Arc<Vec<Bytes>>>> = HashMap::new();
     let stats = &shared.stats;
     let (mut sent, mut bytes) = (0u64, 0u64);
     for (i, member) in members.iter().enumerate() {
