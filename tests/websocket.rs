@@ -253,3 +253,53 @@ async fn config_json_names_the_webtransport_port_and_paths() {
     assert_eq!(config["websocket_path"], "/positions.ws");
     assert_eq!(config["tick_interval_ms"], 100);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_lagging_client_skips_to_the_newest_tick() {
+    // ~160 KB per tick every 20 ms: a client that stops reading fills the socket buffers fast.
+    let t = common::start(20_000, |a| a.tick_ms = 20).await;
+    let mut ws = connect(&t.server, &own_origin(&t.server))
+        .await
+        .expect("connects");
+    let mut c = Client::default();
+    c.read_until(&mut ws, |c| c.view.initial_cars().is_some())
+        .await;
+    // Stop reading while the server produces far more than any socket buffer holds
+    // (150 ticks of ~160 KB); a server that queued ticks would now owe all of them.
+    let ticks_at = |t: &common::TestServer| t.server.stats().get("ticks").expect("counter");
+    let start = ticks_at(&t);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while ticks_at(&t) < start + 150 {
+        assert!(tokio::time::Instant::now() < deadline, "ticks too slow");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Read again: ticks arrive in increasing order, each one whole, never repeated.
+    let mut ticks: Vec<(u64, u16, u16)> = Vec::new();
+    // Until a gap shows up, within the time a few hundred ticks take at most.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while c.view.counts().missed == 0 || ticks.len() < 500 {
+        let msg = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .expect("ticks keep coming")
+            .expect("socket open")
+            .expect("no error");
+        if let Message::Binary(b) = &msg {
+            if b[0] == 1 {
+                let p = TickPart::decode(&b[1..]).expect("decodes");
+                ticks.push((p.tick, p.part, p.parts));
+            }
+        }
+        assert!(c.apply(msg), "socket stays open");
+    }
+    for w in ticks.windows(2) {
+        let ((t0, p0, n0), (t1, p1, _)) = (w[0], w[1]);
+        if p0 + 1 < n0 {
+            assert_eq!((t1, p1), (t0, p0 + 1), "a tick's parts arrive together");
+        } else {
+            assert!(t1 > t0, "ticks only increase: {t0} then {t1}");
+            assert_eq!(p1, 0);
+        }
+    }
+    assert!(c.view.counts().missed > 0, "skipped ticks count as missed");
+    assert!(t.server.stats().get("ws_ticks_skipped").expect("counter") > 0);
+}
