@@ -23,8 +23,8 @@ const forced = params.get('transport'); // 'websocket' | 'webtransport' | null
 const OPEN_TIMEOUT_MS = 5000;
 const BACKOFF_BASE_MS = 500;
 const BACKOFF_CAP_MS = 10000;
-/** Longest a car is dead-reckoned past its last fix, seconds (then it waits in place). */
-const MAX_EXTRAPOLATE_S = 3;
+/** Longest a car is dead-reckoned past its last fix, in tick intervals (then it waits). */
+const MAX_EXTRAPOLATE_TICKS = 3;
 /** Time constant of the ease from the drawn position to the corrected one, seconds. */
 const EASE_S = 0.35;
 const LABELS_UP_TO = 400;
@@ -67,6 +67,8 @@ let earlier = { received: 0, missed: 0, complete: 0 };
 let view = new FleetView();
 let roads = null;
 let tickIntervalMs = 1000;
+/** Quantisation of the last Hello: kept while reconnecting so cars keep their colours. */
+let lastQuant = null;
 
 // ---- Render state per car ----------------------------------------------------------------
 
@@ -79,7 +81,7 @@ function nowS() {
 
 /** Where the fix predicts the car to be at time t (dead reckoning, capped). */
 function predicted(fix, t) {
-  const dt = Math.min(Math.max(t - fix.at, 0), MAX_EXTRAPOLATE_S);
+  const dt = Math.min(Math.max(t - fix.at, 0), (MAX_EXTRAPOLATE_TICKS * tickIntervalMs) / 1000);
   return { e: fix.e + fix.ve * dt, n: fix.n + fix.vn * dt };
 }
 
@@ -173,7 +175,10 @@ function onMessage(msg) {
     return;
   }
   view.applyMessage(msg);
-  if (msg.type === 'Hello') tickIntervalMs = msg.tick_interval_ms;
+  if (msg.type === 'Hello') {
+    tickIntervalMs = msg.tick_interval_ms;
+    lastQuant = msg.quant;
+  }
   if (msg.type === 'State') fc.tick = msg.tick;
   syncSprites();
 }
@@ -547,7 +552,9 @@ function frame() {
   ctx.drawImage(roadLayer, 0, 0);
   ctx.setTransform(layout.dpr, 0, 0, layout.dpr, 0, 0);
 
-  const q = view.hello?.quant;
+  const q = view.hello?.quant ?? lastQuant;
+  // While disconnected the cars are last known positions: draw them dimmed.
+  ctx.globalAlpha = fc.connected ? 1 : 0.4;
   const size = Math.max(5, Math.min(14, 9 * layout.scale * 2 + 4));
   const labels = sprites.size <= LABELS_UP_TO;
   ctx.font = `${Math.round(Math.max(10, size * 0.95))}px system-ui, sans-serif`;
@@ -596,6 +603,7 @@ function frame() {
     ctx.fillStyle = picked ? '#ffffff' : 'rgba(230,237,243,0.85)';
     ctx.fillText(s.entry.label, r[0], y);
   }
+  ctx.globalAlpha = 1;
   fc.carsDrawn = drawn;
   refreshStats();
   renderPanel();
