@@ -43,10 +43,11 @@ async fn main() -> Result<()> {
         Command::Watch(args) => {
             let json = args.json;
             let stop = CancellationToken::new();
+            let signal = tokio::spawn(shutdown_signal());
             tokio::spawn({
                 let stop = stop.clone();
                 async move {
-                    shutdown_signal().await;
+                    let _ = signal.await;
                     stop.cancel();
                 }
             });
@@ -65,6 +66,8 @@ async fn main() -> Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {
+    // Listen for signals before anything starts, so an early SIGTERM still shuts down cleanly.
+    let signal = tokio::spawn(shutdown_signal());
     let server = Server::start(args).await?;
     let http_port = server.http_addr.port();
     let wt_port = server.wt_addr.port();
@@ -74,7 +77,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         info!("certificate:  sha-256 {hash}");
         info!("              (also at http://localhost:{http_port}/certificate.sha256)");
     }
-    shutdown_signal().await;
+    let _ = signal.await;
     info!("shutting down");
     server.shutdown();
     server.wait().await;

@@ -31,7 +31,12 @@ fn port_after(line: &str, marker: &str) -> Option<u16> {
 }
 
 fn serve(extra: &[&str]) -> Serve {
-    let dir = tempfile::tempdir().unwrap();
+    serve_in(tempfile::tempdir().unwrap(), extra, false)
+}
+
+/// Starts `fleetcast serve` with its certificates in `dir`; with `expect_reuse` it fails if
+/// the server generates a new certificate instead of reusing the one in `dir`.
+fn serve_in(dir: tempfile::TempDir, extra: &[&str], expect_reuse: bool) -> Serve {
     let mut child = Command::new(BIN)
         .args([
             "serve",
@@ -48,7 +53,7 @@ fn serve(extra: &[&str]) -> Serve {
         .stdout(Stdio::null())
         .spawn()
         .expect("fleetcast serve starts");
-    let (tx, rx) = mpsc::channel();
+    let (tx, rx) = mpsc::channel::<String>();
     let stderr = child.stderr.take().unwrap();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -61,6 +66,10 @@ fn serve(extra: &[&str]) -> Serve {
         let line = rx
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
             .expect("server printed its URLs");
+        assert!(
+            !(expect_reuse && line.contains("generated")),
+            "certificate regenerated: {line}"
+        );
         wt = wt.or_else(|| port_after(&line, "session URL:  https://localhost:"));
         http = http.or_else(|| port_after(&line, "web demo:     http://localhost:"));
     }
@@ -142,41 +151,12 @@ fn sigterm_shuts_down_cleanly_and_the_certificate_is_reused() {
     };
     assert!(exit.success(), "{exit:?}");
     // A restart with the same certificate directory serves the same certificate.
-    let dir = server._dir.path().to_path_buf();
-    let again = Command::new(BIN)
-        .args([
-            "serve",
-            "--wt-listen",
-            "[::]:0",
-            "--http-listen",
-            "127.0.0.1:0",
-            "--cert-dir",
-        ])
-        .arg(&dir)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut again = Serve {
-        child: again,
-        wt_port: 0,
-        http_port: 0,
-        _dir: tempfile::tempdir().unwrap(),
-    };
-    let stderr = again.child.stderr.take().unwrap();
-    let mut http_port = None;
-    for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-        assert!(
-            !line.contains("generated"),
-            "certificate regenerated: {line}"
-        );
-        if let Some(p) = port_after(&line, "web demo:     http://localhost:") {
-            http_port = Some(p);
-            break;
-        }
-    }
+    let dir = std::mem::replace(&mut server._dir, tempfile::tempdir().unwrap());
+    drop(server);
+    let again = serve_in(dir, &[], true);
     let second = fetch(&format!(
         "http://127.0.0.1:{}/certificate.sha256",
-        http_port.expect("port")
+        again.http_port
     ));
     assert_eq!(first, second);
 }

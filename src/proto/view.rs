@@ -327,7 +327,7 @@ mod tests {
     fn part(tick: u64, p: u16, n: u16, cars: Vec<CarSample>) -> TickPart {
         TickPart {
             tick,
-            time_us: tick.wrapping_mul(1_000_000),
+            time_us: tick.saturating_mul(1_000_000),
             part: p,
             parts: n,
             cars: CarList(cars),

@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, trace, warn};
 
-use super::{now_us, Member, Shared, Snapshot, Stats};
+use super::{now_us, EncodedTick, Member, Shared, Snapshot, Stats};
 use crate::proto::pack::pack_tick;
 use crate::proto::quant::{age_step, heading_step, Quantisation};
 use crate::proto::wire::{CarInfo, CarList, CarSample, State, StreamMessage};
@@ -116,6 +116,9 @@ pub(crate) async fn run(
             &roster_list,
             cars.clone(),
         )));
+        // After `latest`, so a WebSocket session that read the snapshot of this tick never
+        // waits for it on the tick channel and never counts it as missed.
+        publish_websocket_tick(&shared, tick, time_us, &cars);
         let started = std::time::Instant::now();
         let sent = fan_out(&shared, tick, time_us, &cars).await;
         Stats::inc(&shared.stats.ticks);
@@ -126,6 +129,19 @@ pub(crate) async fn run(
 
 /// One tick's datagrams for one session header and payload budget.
 type Encoded = Arc<Vec<Bytes>>;
+
+/// Publishes the tick for the WebSocket sessions, encoded once with the WebSocket channel byte.
+///
+/// A `watch` channel holds only the newest value: a WebSocket task that is still sending an
+/// older tick skips straight to this one, and the tick loop never waits for any of them.
+fn publish_websocket_tick(shared: &Shared, tick: u64, time_us: u64, cars: &[CarSample]) {
+    let budget = shared.args.datagram_budget as usize;
+    if let Some(messages) = encode(tick, time_us, cars, &[super::ws::CHANNEL_DATAGRAM], budget) {
+        shared
+            .ticks
+            .send_replace(Arc::new(EncodedTick { tick, messages }));
+    }
+}
 
 /// Encodes this tick's datagrams for one header and budget.
 fn encode(
@@ -154,6 +170,9 @@ fn encode(
     }
 }
 
+/// A session's datagram header and payload budget: sessions that share both share an encoding.
+type EncodingKey = (Arc<[u8]>, usize);
+
 /// Sends the tick to every registered session; returns the number of datagrams queued.
 async fn fan_out(shared: &Shared, tick: u64, time_us: u64, cars: &[CarSample]) -> u64 {
     let members: Vec<Member> = shared
@@ -165,7 +184,7 @@ async fn fan_out(shared: &Shared, tick: u64, time_us: u64, cars: &[CarSample]) -
         .collect();
     let budget = shared.args.datagram_budget as usize;
     // Encodings by (session header, payload budget): nearly every session shares one.
-    let mut encodings: HashMap<(Arc<[u8]>, usize), Option<Encoded>> = HashMap::new();
+    let mut encodings: HashMap<EncodingKey, Option<Encoded>> = HashMap::new();
     let stats = &shared.stats;
     let (mut sent, mut bytes) = (0u64, 0u64);
     for (i, member) in members.iter().enumerate() {

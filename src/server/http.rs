@@ -1,5 +1,7 @@
-//! The HTTP side: certificate hash, health, the road network and the web demo's static files.
+//! The HTTP side: certificate hash, health, the road network, the page's config, the WebSocket
+//! fallback and the web demo's static files.
 
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -10,14 +12,22 @@ use axum::routing::get;
 use axum::{Json, Router};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tower_http::services::ServeDir;
 use tower_http::set_header::SetResponseHeaderLayer;
 use tracing::warn;
 
+use super::ws::{self, WsState, WEBSOCKET_PATH};
 use super::{Shared, SESSION_PATH};
 
-/// Serves HTTP until `token` is cancelled.
-pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, token: CancellationToken) {
+/// Serves HTTP until `token` is cancelled; WebSocket sessions run on `tasks`, so shutdown waits
+/// for their goodbyes.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    token: CancellationToken,
+    tasks: TaskTracker,
+) {
     let web_root = shared.args.web_root.clone();
     if !web_root.join("index.html").exists() {
         warn!(
@@ -25,8 +35,16 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, token: Can
             web_root.display()
         );
     }
+    let websocket = Router::new()
+        .route(WEBSOCKET_PATH, get(ws::upgrade))
+        .with_state(WsState {
+            shared: shared.clone(),
+            token: token.clone(),
+            tasks,
+        });
     let app = Router::new()
         .route("/certificate.sha256", get(certificate_hash))
+        .route("/config.json", get(config))
         .route("/healthz", get(healthz))
         .route("/roads.json", get(roads))
         .fallback_service(ServeDir::new(web_root))
@@ -35,7 +53,9 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, token: Can
             header::CACHE_CONTROL,
             HeaderValue::from_static("no-store"),
         ))
-        .with_state(shared);
+        .with_state(shared)
+        .merge(websocket);
+    let app = app.into_make_service_with_connect_info::<SocketAddr>();
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(token.cancelled_owned())
         .await;
@@ -60,6 +80,18 @@ async fn certificate_hash(State(shared): State<Arc<Shared>>) -> Response {
         )
             .into_response(),
     }
+}
+
+/// What the web page needs to connect: the WebTransport port is not the HTTP port.
+async fn config(State(shared): State<Arc<Shared>>) -> Response {
+    Json(serde_json::json!({
+        "protocol_version": crate::proto::wire::PROTOCOL_VERSION,
+        "webtransport_port": shared.wt_port,
+        "session_path": SESSION_PATH,
+        "websocket_path": WEBSOCKET_PATH,
+        "tick_interval_ms": shared.args.tick_ms,
+    }))
+    .into_response()
 }
 
 async fn healthz(State(shared): State<Arc<Shared>>) -> Response {

@@ -5,7 +5,8 @@
 //! - `net`: the UDP socket with large buffers and the QUIC transport limits.
 //! - `feed`: the tick loop: advances the simulator, encodes each tick once, fans it out.
 //! - `session`: one task per WebTransport session: initial state, roster events, close codes.
-//! - `http`: certificate hash, health, road network and the web demo over HTTP.
+//! - `http`: certificate hash, health, road network, page config and the web demo over HTTP.
+//! - `ws`: the WebSocket fallback on the HTTP port: the same frames and datagram payloads.
 //!
 //! One shutdown path: [`Server::shutdown`] (Ctrl-C / SIGTERM in the binary) cancels a token; the
 //! accept loop stops first, sessions say goodbye and close with [`CloseCode::GoingAway`], and the
@@ -17,6 +18,7 @@ mod http;
 mod net;
 mod session;
 mod stats;
+mod ws;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -52,6 +54,15 @@ pub(crate) struct Snapshot {
     pub frames: bytes::Bytes,
 }
 
+/// One tick encoded for the WebSocket sessions (see `ws`), shared by all of them.
+#[derive(Debug, Default)]
+pub(crate) struct EncodedTick {
+    /// Tick number (0 before the first tick).
+    pub tick: u64,
+    /// Complete WebSocket binary messages: the datagram channel byte, then one datagram payload.
+    pub messages: Arc<Vec<bytes::Bytes>>,
+}
+
 /// A session registered for datagrams.
 #[derive(Clone)]
 pub(crate) struct Member {
@@ -73,6 +84,10 @@ pub(crate) struct Shared {
     pub allowed_origins: Vec<String>,
     pub cert_hash: Option<String>,
     pub roads: Vec<Road>,
+    /// UDP port of the WebTransport endpoint, for `/config.json`.
+    pub wt_port: u16,
+    /// The newest tick for WebSocket sessions; only the newest is kept.
+    pub ticks: watch::Sender<Arc<EncodedTick>>,
 }
 
 /// A running server.
@@ -137,13 +152,20 @@ impl Server {
             allowed_origins,
             cert_hash: identity.hash_hex.clone(),
             roads: sim.roads(),
+            wt_port: wt_addr.port(),
+            ticks: watch::Sender::new(Arc::new(EncodedTick::default())),
             args,
         });
 
         let token = CancellationToken::new();
         let tracker = TaskTracker::new();
         tracker.spawn(feed::run(shared.clone(), sim, latest_tx, token.clone()));
-        let http = tokio::spawn(http::serve(http_listener, shared.clone(), token.clone()));
+        let http = tokio::spawn(http::serve(
+            http_listener,
+            shared.clone(),
+            token.clone(),
+            tracker.clone(),
+        ));
 
         let accept_token = token.clone();
         let done = tokio::spawn({

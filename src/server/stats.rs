@@ -48,6 +48,24 @@ counters! {
     datagrams_too_large,
     /// Ticks re-encoded for a session whose datagram limit is below --datagram-budget.
     reencoded_ticks,
+    /// WebSocket sessions accepted (`/positions.ws`).
+    ws_sessions_accepted,
+    /// WebSocket upgrades refused with 403 (origin not allowed).
+    ws_refused_forbidden,
+    /// WebSocket upgrades refused with 429 (--max-sessions reached).
+    ws_refused_full,
+    /// WebSocket sessions closed (1008) for sending anything but ping, pong or close.
+    ws_closed_protocol_violation,
+    /// WebSocket sessions dropped for not reading within --write-timeout.
+    ws_closed_slow,
+    /// WebSocket sessions closed (1001) at shutdown.
+    ws_closed_going_away,
+    /// Datagram-channel messages sent to WebSocket sessions.
+    ws_datagrams_sent,
+    /// Bytes of those messages (with the channel byte).
+    ws_bytes_sent,
+    /// Ticks a lagging WebSocket session skipped to catch up with the newest.
+    ws_ticks_skipped,
 }
 
 impl Stats {

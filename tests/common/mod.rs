@@ -128,3 +128,12 @@ pub async fn ended(session: &mut Session, limit: Duration) -> fleetcast::client:
 pub fn is_goodbye(msg: &StreamMessage) -> bool {
     matches!(msg, StreamMessage::Goodbye { .. })
 }
+
+/// Starts a server with `cars` cars and fast ticks; `tweak` adjusts the options.
+pub async fn start(cars: u32, tweak: impl FnOnce(&mut ServeArgs)) -> TestServer {
+    TestServer::start(|args| {
+        args.cars = cars;
+        tweak(args);
+    })
+    .await
+}

@@ -1,0 +1,273 @@
+// Real-browser tests of the web demo: a real `fleetcast serve`, Debian's Chromium driven by
+// playwright-core, real WebTransport over QUIC on loopback and the real WebSocket fallback.
+// Run: scripts/test-browser.sh (builds the binary first), or
+//      FLEETCAST_BIN=target/debug/fleetcast node --test tests/js/browser.test.mjs
+// Screenshots land in test-artifacts/.
+
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, dirname } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { chromium } from 'playwright-core';
+
+const ROOT = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
+const BIN = process.env.FLEETCAST_BIN ??
+  join(process.env.CARGO_TARGET_DIR ?? join(ROOT, 'target'), 'debug', 'fleetcast');
+const CHROMIUM = process.env.CHROMIUM ?? '/usr/bin/chromium';
+const ARTIFACTS = join(ROOT, 'test-artifacts');
+const CARS = 150;
+const WAIT_MS = 30_000;
+
+mkdirSync(ARTIFACTS, { recursive: true });
+const tempDirs = [];
+const servers = new Set();
+let browser;
+
+/** Starts `fleetcast serve`; resolves once its log names both ports. */
+function startServer({ httpPort = 0, wtPort = 0 } = {}) {
+  const certDir = mkdtempSync(join(tmpdir(), 'fleetcast-certs-'));
+  tempDirs.push(certDir);
+  const child = spawn(BIN, [
+    'serve',
+    '--wt-listen', `[::]:${wtPort}`,
+    '--http-listen', `[::1]:${httpPort}`,
+    '--cars', String(CARS),
+    '--cert-dir', certDir,
+    '--web-root', join(ROOT, 'web-demo'),
+    '--shutdown-timeout', '2s',
+  ], { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, NO_COLOR: '1', RUST_LOG: 'info' } });
+  servers.add(child);
+  let log = '';
+  const exited = new Promise((resolve) => child.on('exit', (code, signal) => {
+    servers.delete(child);
+    resolve({ code, signal });
+  }));
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`server did not start:\n${log}`)), WAIT_MS);
+    child.stderr.on('data', (chunk) => {
+      log += chunk.toString().replace(/\x1b\[[0-9;]*m/g, '');
+      const http = log.match(/web demo:\s+http:\/\/localhost:(\d+)\//);
+      const wt = log.match(/session URL:\s+https:\/\/localhost:(\d+)\//);
+      if (http && wt) {
+        clearTimeout(timer);
+        resolve({
+          child,
+          exited,
+          httpPort: Number(http[1]),
+          wtPort: Number(wt[1]),
+          url: `http://localhost:${http[1]}/`,
+          log: () => log,
+        });
+      }
+    });
+    child.on('exit', () => {
+      clearTimeout(timer);
+      reject(new Error(`server exited early:\n${log}`));
+    });
+  });
+}
+
+async function stopServer(server) {
+  server.child.kill('SIGTERM');
+  return server.exited;
+}
+
+before(async () => {
+  browser = await chromium.launch({
+    executablePath: CHROMIUM,
+    headless: true,
+    args: process.getuid?.() === 0 ? ['--no-sandbox'] : [],
+  });
+});
+
+after(async () => {
+  await browser?.close();
+  for (const child of servers) child.kill('SIGTERM');
+  for (const d of tempDirs) rmSync(d, { recursive: true, force: true });
+});
+
+/** A fresh page that records console errors (certificate problems show only there). */
+async function newPage({ noWebTransport = false, viewport = { width: 1280, height: 800 } } = {}) {
+  const context = await browser.newContext({ viewport, deviceScaleFactor: 1 });
+  if (noWebTransport) {
+    await context.addInitScript(() => {
+      delete window.WebTransport;
+    });
+  }
+  const page = await context.newPage();
+  const console = [];
+  page.on('console', (m) => console.push(`${m.type()}: ${m.text()}`));
+  page.on('pageerror', (e) => console.push(`pageerror: ${e.message}`));
+  return { context, page, console };
+}
+
+const fleetcast = (page) => page.evaluate(() => {
+  const { carList, ...rest } = window.fleetcast;
+  return rest;
+});
+
+/** Waits for a live session on `transport` with every car and at least `ticks` ticks. */
+async function waitLive(page, transport, ticks, logs) {
+  try {
+    await page.waitForFunction(
+      ([t, n, k]) => {
+        const f = window.fleetcast;
+        return f && f.connected && f.transport === t && f.initialCars === n && f.cars === n &&
+          f.ticksReceived >= k;
+      },
+      [transport, CARS, ticks],
+      { timeout: WAIT_MS, polling: 100 },
+    );
+  } catch (e) {
+    const state = await fleetcast(page).catch(() => null);
+    throw new Error(`${e.message}\nstate: ${JSON.stringify(state)}\nconsole:\n${logs.join('\n')}`);
+  }
+}
+
+/** Checks the map really shows the cars: drawn count, coloured pixels, every car updated. */
+async function assertCarsDrawn(page) {
+  const f = await fleetcast(page);
+  assert.equal(f.carsDrawn, CARS, 'every car is inside the viewport and drawn');
+  const cars = await page.evaluate(() => window.fleetcast.carList());
+  assert.equal(cars.length, CARS);
+  assert.ok(cars.every((c) => c.screen !== null), 'every car has a screen position');
+  assert.ok(cars.every((c) => c.tick > 0), 'every car was updated by a tick after the state');
+  // Cars are drawn in saturated colours; roads and background are grey. Count coloured pixels.
+  const coloured = await page.evaluate(() => {
+    const c = document.getElementById('map');
+    const data = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+    let n = 0;
+    for (let i = 0; i < data.length; i += 4) {
+      const max = Math.max(data[i], data[i + 1], data[i + 2]);
+      const min = Math.min(data[i], data[i + 1], data[i + 2]);
+      if (max - min > 90) n += 1;
+    }
+    return n;
+  });
+  assert.ok(coloured >= CARS * 10, `expected car pixels on the canvas, found ${coloured}`);
+}
+
+test('WebTransport: connects, shows every car, applies ticks, draws them', async () => {
+  const server = await startServer();
+  const { context, page, console } = await newPage();
+  try {
+    await page.goto(server.url);
+    await waitLive(page, 'webtransport', 3, console);
+    await assertCarsDrawn(page);
+    const f = await fleetcast(page);
+    assert.equal(f.fallbackReason, null);
+    assert.ok(f.latencyP50Ms !== null && f.latencyP50Ms >= 0);
+    assert.ok(f.bytesPerSecond > 0);
+    assert.match(await page.textContent('#conn'), /live · WebTransport/);
+    assert.equal(await page.textContent('#s-cars'), String(CARS));
+
+    // Clicking a car shows its details.
+    const car = (await page.evaluate(() => window.fleetcast.carList()))
+      .find((c) => c.screen[0] > 350 && c.screen[1] > 250 && c.screen[0] < 1000);
+    await page.mouse.click(car.screen[0], car.screen[1]);
+    await page.waitForSelector('#details:not([hidden])', { timeout: 5000 });
+    const label = await page.textContent('#d-label');
+    const shown = (await page.evaluate(() => window.fleetcast.carList()))
+      .find((c) => c.label === label);
+    assert.ok(shown, `details show a real car: ${label}`);
+    assert.match(await page.textContent('#d-speed'), /km\/h$/);
+    assert.match(await page.textContent('#d-pos'), /^52\.\d+, 4\.\d+$/);
+    await page.screenshot({ path: join(ARTIFACTS, 'webtransport.png') });
+  } finally {
+    await context.close();
+    await stopServer(server);
+  }
+});
+
+test('WebSocket forced with ?transport=websocket', async () => {
+  const server = await startServer();
+  const { context, page, console } = await newPage();
+  try {
+    await page.goto(`${server.url}?transport=websocket`);
+    await waitLive(page, 'websocket', 3, console);
+    await assertCarsDrawn(page);
+    assert.match(await page.textContent('#conn'), /live · WebSocket/);
+    await page.screenshot({ path: join(ARTIFACTS, 'websocket-forced.png') });
+  } finally {
+    await context.close();
+    await stopServer(server);
+  }
+});
+
+test('WebSocket fallback when the browser has no WebTransport', async () => {
+  const server = await startServer();
+  const { context, page, console } = await newPage({ noWebTransport: true });
+  try {
+    await page.goto(server.url);
+    await waitLive(page, 'websocket', 3, console);
+    await assertCarsDrawn(page);
+    const f = await fleetcast(page);
+    assert.match(f.fallbackReason, /no WebTransport/);
+    assert.match(await page.textContent('#notice'), /WebSocket fallback/);
+    await page.screenshot({ path: join(ARTIFACTS, 'websocket-fallback.png') });
+  } finally {
+    await context.close();
+    await stopServer(server);
+  }
+});
+
+test('phone-sized viewport shows the whole fleet too', async () => {
+  const server = await startServer();
+  const { context, page, console } = await newPage({ viewport: { width: 390, height: 844 } });
+  try {
+    await page.goto(server.url);
+    await waitLive(page, 'webtransport', 2, console);
+    await assertCarsDrawn(page);
+    await page.screenshot({ path: join(ARTIFACTS, 'phone.png') });
+  } finally {
+    await context.close();
+    await stopServer(server);
+  }
+});
+
+for (const transport of ['webtransport', 'websocket']) {
+  test(`${transport}: reconnects after the server restarts with a new certificate`, async () => {
+    let server = await startServer();
+    const { context, page, console } = await newPage();
+    try {
+      const query = transport === 'websocket' ? '?transport=websocket' : '';
+      await page.goto(server.url + query);
+      await waitLive(page, transport, 3, console);
+      const before = await fleetcast(page);
+      assert.equal(before.sessions, 1);
+
+      const { httpPort, wtPort } = server;
+      const exit = await stopServer(server);
+      assert.equal(exit.code, 0, `server exits cleanly on SIGTERM:\n${server.log()}`);
+      await page.waitForFunction(() => !window.fleetcast.connected, null, { timeout: WAIT_MS });
+      await page.waitForFunction(
+        () => /reconnecting/.test(document.getElementById('conn').textContent),
+        null,
+        { timeout: WAIT_MS },
+      );
+      const down = await fleetcast(page);
+      assert.equal(down.lastGoodbye?.code, 1, 'the page saw the going-away goodbye');
+      await page.screenshot({ path: join(ARTIFACTS, `${transport}-reconnecting.png`) });
+
+      // Same ports, new certificate directory: a new self-signed certificate and hash.
+      server = await startServer({ httpPort, wtPort });
+      await page.waitForFunction(
+        ([t, k]) => window.fleetcast.sessions >= 2 && window.fleetcast.connected &&
+          window.fleetcast.transport === t && window.fleetcast.ticksReceived >= k,
+        [transport, before.ticksReceived + 3],
+        { timeout: WAIT_MS, polling: 100 },
+      ).catch(async (e) => {
+        throw new Error(`${e.message}\nstate: ${JSON.stringify(await fleetcast(page))}\n` +
+          `console:\n${console.join('\n')}`);
+      });
+      await assertCarsDrawn(page);
+      await page.screenshot({ path: join(ARTIFACTS, `${transport}-reconnected.png`) });
+    } finally {
+      await context.close();
+      await stopServer(server);
+    }
+  });
+}
