@@ -34,6 +34,8 @@ pub struct ClientOptions {
     pub datagram_buffer: usize,
     /// Idle timeout of the QUIC connection.
     pub idle_timeout: Duration,
+    /// Bind the endpoint's UDP socket with this much kernel buffer (default: the kernel's).
+    pub udp_buffer: Option<usize>,
 }
 
 impl ClientOptions {
@@ -43,6 +45,7 @@ impl ClientOptions {
             trust,
             datagram_buffer: 1 << 20,
             idle_timeout: Duration::from_secs(30),
+            udp_buffer: None,
         }
     }
 }
@@ -85,7 +88,13 @@ pub async fn fetch_cert_hashes(url: &str) -> Result<Option<Vec<Sha256Digest>>> {
 
 /// A client endpoint (one UDP socket) that can hold many sessions.
 pub fn endpoint(options: &ClientOptions) -> Result<Endpoint<endpoint_side::Client>> {
-    let builder = ClientConfig::builder().with_bind_default();
+    let builder = match options.udp_buffer {
+        Some(size) => {
+            let any: std::net::SocketAddr = "[::]:0".parse().expect("literal address");
+            ClientConfig::builder().with_bind_socket(crate::udp::bind_udp(any, size)?)
+        }
+        None => ClientConfig::builder().with_bind_default(),
+    };
     let mut config = match &options.trust {
         Trust::Hashes(hashes) => builder.with_server_certificate_hashes(hashes.clone()),
         Trust::SystemRoots => builder.with_native_certs(),

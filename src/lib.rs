@@ -11,10 +11,14 @@
 //! - [`server`]: `fleetcast serve`, the async shell around the core.
 //! - [`client`]: the native WebTransport client used by `watch`, the tests and load tools.
 //! - [`watch`]: `fleetcast watch`, a client that reports what it receives.
+//! - [`swarm`]: `fleetcast swarm`, a load generator over WebTransport or WebSocket.
+//! - [`udp`]: UDP sockets with large kernel buffers.
 
 pub mod certs;
 pub mod client;
 pub mod proto;
 pub mod server;
 pub mod sim;
+pub mod swarm;
+pub mod udp;
 pub mod watch;

@@ -9,6 +9,7 @@ use tracing::info;
 use tracing_subscriber::EnvFilter;
 
 use fleetcast::server::{ServeArgs, Server, SESSION_PATH};
+use fleetcast::swarm::{self, SwarmArgs};
 use fleetcast::watch::{self, WatchArgs};
 
 /// Live vehicle positions over WebTransport datagrams.
@@ -25,6 +26,8 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Follow the fleet from the command line and report what arrives.
     Watch(WatchArgs),
+    /// Open many sessions at once and measure delivery and latency.
+    Swarm(SwarmArgs),
 }
 
 #[tokio::main]
@@ -59,6 +62,19 @@ async fn main() -> Result<()> {
             }
             if report.sessions == 0 {
                 anyhow::bail!("never connected");
+            }
+            Ok(())
+        }
+        Command::Swarm(args) => {
+            let json = args.json;
+            let report = swarm::run(args).await?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!("{}", report.summary());
+            }
+            if report.sessions_connected == 0 {
+                anyhow::bail!("no session connected");
             }
             Ok(())
         }

@@ -57,22 +57,26 @@ pub struct WatchArgs {
 impl WatchArgs {
     /// The certificate hash URL to use when none was given.
     pub fn hash_url(&self) -> String {
-        if let Some(u) = &self.cert_hash_url {
-            return u.clone();
-        }
-        let host = self
-            .url
-            .split("://")
-            .nth(1)
-            .and_then(|rest| rest.split('/').next())
-            .map(|authority| match authority.rfind(':') {
-                // Strip the port, keeping IPv6 brackets.
-                Some(i) if !authority[i..].contains(']') => &authority[..i],
-                _ => authority,
-            })
-            .unwrap_or("localhost");
-        format!("http://{host}:8080/certificate.sha256")
+        default_hash_url(&self.url, self.cert_hash_url.as_deref())
     }
+}
+
+/// `explicit` if given, else `http://HOST:8080/certificate.sha256` for the session URL's host.
+pub fn default_hash_url(session_url: &str, explicit: Option<&str>) -> String {
+    if let Some(u) = explicit {
+        return u.to_string();
+    }
+    let host = session_url
+        .split("://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .map(|authority| match authority.rfind(':') {
+            // Strip the port, keeping IPv6 brackets.
+            Some(i) if !authority[i..].contains(']') => &authority[..i],
+            _ => authority,
+        })
+        .unwrap_or("localhost");
+    format!("http://{host}:8080/certificate.sha256")
 }
 
 /// Latency percentiles, milliseconds.

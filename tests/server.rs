@@ -380,3 +380,35 @@ async fn fleet_view_tick_counts_match_the_server_on_a_clean_path() {
     assert!(c.complete >= 10, "{c:?}");
     let _ = FleetView::new();
 }
+
+#[tokio::test]
+async fn metrics_expose_sessions_datagrams_fanout_and_process() {
+    let ts = TestServer::start(|_| {}).await;
+    let (_ep, mut session) = ts.open().await;
+    let mut view = initial_state(&mut session).await;
+    follow(&mut session, &mut view, Duration::from_secs(5), |v, _| {
+        v.counts().received >= 3
+    })
+    .await;
+    let url = format!("http://{}/metrics", ts.server.http_addr);
+    let text = reqwest::get(&url).await.unwrap().text().await.unwrap();
+    let value = |line: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(line))
+            .unwrap_or_else(|| panic!("no {line} in\n{text}"))
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(value("fleetcast_sessions{transport=\"webtransport\"}"), 1.0);
+    assert_eq!(value("fleetcast_sessions{transport=\"websocket\"}"), 0.0);
+    assert!(value("fleetcast_datagrams_sent_total{transport=\"webtransport\"}") >= 3.0);
+    assert!(value("fleetcast_tick_fanout_seconds_count") >= 3.0);
+    assert!(value("fleetcast_snapshot_bytes") > 700.0);
+    assert_eq!(value("fleetcast_snapshot_datagrams"), 1.0);
+    assert!(value("process_resident_memory_bytes") > 1e6);
+    assert!(value("process_cpu_seconds_total") > 0.0);
+    assert!(text.contains("# TYPE fleetcast_tick_fanout_seconds histogram"));
+}

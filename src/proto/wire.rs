@@ -346,6 +346,45 @@ impl TickPart {
     }
 }
 
+/// The fields of a tick part before its cars: what a load generator needs per datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TickHeader {
+    /// Tick number.
+    pub tick: u64,
+    /// Server time of the tick, microseconds since the Unix epoch.
+    pub time_us: u64,
+    /// Index of this part.
+    pub part: u16,
+    /// Parts in the tick.
+    pub parts: u16,
+}
+
+impl TickHeader {
+    /// Decodes a datagram's header without decoding its cars.
+    pub fn decode(datagram: &[u8]) -> Result<Self, DecodeError> {
+        let (&version, rest) = datagram.split_first().ok_or(DecodeError::Truncated)?;
+        if version != DATAGRAM_VERSION {
+            return Err(DecodeError::UnsupportedVersion(version));
+        }
+        let ((tick, time_us, part, parts), _) =
+            postcard::take_from_bytes::<(u64, u64, u16, u16)>(rest)?;
+        if parts == 0 || part >= parts {
+            return Err(DecodeError::BadPart { part, parts });
+        }
+        Ok(Self {
+            tick,
+            time_us,
+            part,
+            parts,
+        })
+    }
+}
+
+/// WebSocket fallback: first byte of a message carrying reliable-stream bytes.
+pub const WS_CHANNEL_STREAM: u8 = 0x00;
+/// WebSocket fallback: first byte of a message carrying one datagram payload.
+pub const WS_CHANNEL_DATAGRAM: u8 = 0x01;
+
 /// Size of a tick part's fields before the car list.
 pub fn tick_part_header_len(tick: u64, time_us: u64, part: u16, parts: u16) -> usize {
     varint_len(tick)
@@ -498,6 +537,25 @@ mod tests {
         let bytes = part.encode().unwrap();
         assert_eq!(bytes.len(), part.encoded_len());
         assert_eq!(TickPart::decode(&bytes).unwrap(), part);
+    }
+
+    #[test]
+    fn tick_header_matches_the_full_decode() {
+        let part = TickPart {
+            tick: 77,
+            time_us: 1_764_000_000_000_000,
+            part: 2,
+            parts: 5,
+            cars: CarList(vec![sample(3)]),
+        };
+        let bytes = part.encode().unwrap();
+        let h = TickHeader::decode(&bytes).unwrap();
+        assert_eq!(
+            (h.tick, h.time_us, h.part, h.parts),
+            (77, part.time_us, 2, 5)
+        );
+        assert!(TickHeader::decode(&bytes[..3]).is_err());
+        assert!(TickHeader::decode(&[1, 1, 1, 2, 2, 0]).is_err());
     }
 
     #[test]

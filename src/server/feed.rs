@@ -121,6 +121,7 @@ pub(crate) async fn run(
         publish_websocket_tick(&shared, tick, time_us, &cars);
         let started = std::time::Instant::now();
         let sent = fan_out(&shared, tick, time_us, &cars).await;
+        shared.stats.fanout_seconds.observe(started.elapsed());
         Stats::inc(&shared.stats.ticks);
         trace!(tick, sent, elapsed = ?started.elapsed(), "tick fanned out");
     }
@@ -137,6 +138,15 @@ type Encoded = Arc<Vec<Bytes>>;
 fn publish_websocket_tick(shared: &Shared, tick: u64, time_us: u64, cars: &[CarSample]) {
     let budget = shared.args.datagram_budget as usize;
     if let Some(messages) = encode(tick, time_us, cars, &[super::ws::CHANNEL_DATAGRAM], budget) {
+        // Without the channel byte, this is the tick's encoded size on every transport.
+        let payload: usize = messages.iter().map(|m| m.len() - 1).sum();
+        let stats = &shared.stats;
+        stats
+            .snapshot_bytes
+            .store(payload as u64, Ordering::Relaxed);
+        stats
+            .snapshot_datagrams
+            .store(messages.len() as u64, Ordering::Relaxed);
         shared
             .ticks
             .send_replace(Arc::new(EncodedTick { tick, messages }));
@@ -209,6 +219,7 @@ async fn fan_out(shared: &Shared, tick: u64, time_us: u64, cars: &[CarSample]) -
                 Ok(()) => {
                     sent += 1;
                     bytes += d.len() as u64;
+                    member.queued.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(quinn::SendDatagramError::TooLarge) => Stats::inc(&stats.datagrams_too_large),
                 // Lost or unsupported: the session task notices and cleans up.

@@ -46,6 +46,7 @@ pub(crate) async fn serve(
         .route("/certificate.sha256", get(certificate_hash))
         .route("/config.json", get(config))
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
         .route("/roads.json", get(roads))
         .fallback_service(ServeDir::new(web_root))
         // Short-lived certificates and live data: never cache.
@@ -119,4 +120,17 @@ async fn roads(State(shared): State<Arc<Shared>>) -> Response {
         "roads": shared.roads,
     }))
     .into_response()
+}
+
+/// Prometheus text exposition (format 0.0.4) of the server's counters and the process.
+async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    let body = super::metrics::render(&shared);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
 }

@@ -15,6 +15,7 @@
 pub mod config;
 mod feed;
 mod http;
+mod metrics;
 mod net;
 mod session;
 mod stats;
@@ -39,7 +40,7 @@ pub use stats::Stats;
 
 use crate::certs;
 use crate::proto::quant::Quantisation;
-use crate::proto::wire::{CarSample, CloseCode, StreamMessage};
+use crate::proto::wire::{CarSample, CloseCode, Hello, StreamMessage, PROTOCOL_VERSION};
 use crate::sim::{Road, SimConfig, Simulator};
 
 /// The session path; every other path gets 404.
@@ -69,6 +70,8 @@ pub(crate) struct Member {
     pub conn: quinn::Connection,
     /// WebTransport datagram header (quarter stream id) of this session.
     pub header: Arc<[u8]>,
+    /// Datagrams queued on this session so far.
+    pub queued: Arc<AtomicU64>,
 }
 
 /// State shared by the accept loop, the tick loop, the sessions and the HTTP side.
@@ -88,6 +91,19 @@ pub(crate) struct Shared {
     pub wt_port: u16,
     /// The newest tick for WebSocket sessions; only the newest is kept.
     pub ticks: watch::Sender<Arc<EncodedTick>>,
+}
+
+impl Shared {
+    /// The Hello every session starts with, on either transport.
+    pub(crate) fn hello(&self) -> StreamMessage {
+        StreamMessage::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            tick_interval_ms: self.args.tick_ms,
+            server_time_us: now_us(),
+            quant: self.quant,
+            server: concat!("fleetcast/", env!("CARGO_PKG_VERSION")).to_string(),
+        })
+    }
 }
 
 /// A running server.
@@ -118,7 +134,7 @@ impl Server {
             humantime_utc(identity.not_after)
         );
 
-        let socket = net::bind_udp(args.wt_listen, args.udp_buffer)?;
+        let socket = crate::udp::bind_udp(args.wt_listen, args.udp_buffer)?;
         let server_config = net::server_config(socket, identity.identity, &args)?;
         let endpoint = Endpoint::server(server_config).context("starting QUIC endpoint")?;
         let wt_addr = endpoint.local_addr()?;

@@ -16,9 +16,10 @@ use wtransport::error::{ConnectionError, StreamOpeningError, StreamWriteError};
 use wtransport::{Connection, SendStream, VarInt};
 
 use super::config::origin_allowed;
-use super::{now_us, Member, ServerEndpoint, Shared, Stats, SESSION_PATH};
+use super::stats::GaugeGuard;
+use super::{Member, ServerEndpoint, Shared, Stats, SESSION_PATH};
 use crate::proto::wire::webtransport_datagram_header;
-use crate::proto::wire::{CloseCode, Hello, StreamMessage, PROTOCOL_VERSION};
+use crate::proto::wire::{CloseCode, StreamMessage};
 
 /// How long a goodbye may take before the session is closed regardless.
 const GOODBYE_WAIT: Duration = Duration::from_secs(1);
@@ -93,15 +94,25 @@ impl Drop for Slot<'_> {
     }
 }
 
-/// Removes the session from the datagram fan-out when it ends.
+/// Removes the session from the datagram fan-out when it ends, and counts the datagrams QUIC
+/// dropped for it (queued but never sent because its send buffer was full).
 struct Registration<'a>(&'a Shared, u64);
 impl Drop for Registration<'_> {
     fn drop(&mut self) {
-        self.0
+        let member = self
+            .0
             .members
             .lock()
             .expect("members lock poisoned")
             .remove(&self.1);
+        if let Some(member) = member {
+            let sent = member.conn.stats().frame_tx.datagram;
+            let queued = member.queued.load(Ordering::Relaxed);
+            self.0
+                .stats
+                .datagrams_dropped
+                .fetch_add(queued.saturating_sub(sent), Ordering::Relaxed);
+        }
     }
 }
 
@@ -137,6 +148,7 @@ async fn handle(request: SessionRequest, shared: Arc<Shared>, token: Cancellatio
         }
     };
     Stats::inc(&shared.stats.sessions_accepted);
+    let _open = GaugeGuard::new(&shared.stats.open_webtransport);
     let id = shared.next_session.fetch_add(1, Ordering::Relaxed);
     let span = tracing::info_span!("session", id, %remote);
     async {
@@ -215,20 +227,17 @@ async fn run_inner(
             Member {
                 conn: conn.quic_connection().clone(),
                 header,
+                queued: Arc::default(),
             },
         );
     let _registration = Registration(shared, id);
 
     let mut buf = Vec::with_capacity(4096);
-    StreamMessage::Hello(Hello {
-        version: PROTOCOL_VERSION,
-        tick_interval_ms: shared.args.tick_ms,
-        server_time_us: now_us(),
-        quant: shared.quant,
-        server: concat!("fleetcast/", env!("CARGO_PKG_VERSION")).to_string(),
-    })
-    .encode_frame(&mut buf)
-    .map_err(|_| SessionEnd::Violation("hello does not encode"))?;
+    // Invariant: a Hello holds no car list, so it always encodes.
+    shared
+        .hello()
+        .encode_frame(&mut buf)
+        .expect("hello encodes");
     let snapshot = shared.latest.borrow().clone();
     buf.extend_from_slice(&snapshot.frames);
     write(&mut stream, &buf, limit).await?;

@@ -4,10 +4,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 macro_rules! counters {
     ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
-        /// Monotonic counters since the server started.
+        /// Counters since the server started (and a few gauges, marked as such).
         #[derive(Debug, Default)]
         pub struct Stats {
             $($(#[$doc])* pub $name: AtomicU64,)*
+            /// Time to hand one tick to every WebTransport session.
+            pub fanout_seconds: Histogram,
         }
 
         impl Stats {
@@ -20,6 +22,17 @@ macro_rules! counters {
 }
 
 counters! {
+    /// Gauge: WebTransport sessions open now.
+    open_webtransport,
+    /// Gauge: WebSocket sessions open now.
+    open_websocket,
+    /// Gauge: bytes of the newest tick's datagrams (one encoding, without per-session headers).
+    snapshot_bytes,
+    /// Gauge: datagrams the newest tick was split into.
+    snapshot_datagrams,
+    /// Datagrams queued for a session but dropped by QUIC before sending (its datagram send
+    /// buffer was full: the session could not keep up). Counted when the session ends.
+    datagrams_dropped,
     /// Ticks encoded and fanned out.
     ticks,
     /// WebTransport sessions accepted.
@@ -68,6 +81,67 @@ counters! {
     ws_ticks_skipped,
 }
 
+/// Upper bounds of the fan-out histogram's buckets, seconds.
+pub const FANOUT_BUCKETS: [f64; 12] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
+
+/// A fixed-bucket histogram of durations, lock-free, in Prometheus' cumulative form on output.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; FANOUT_BUCKETS.len()],
+    count: AtomicU64,
+    sum_ns: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one duration.
+    pub fn observe(&self, d: std::time::Duration) {
+        let secs = d.as_secs_f64();
+        if let Some(i) = FANOUT_BUCKETS.iter().position(|&b| secs <= b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_ns.fetch_add(
+            d.as_nanos().min(u128::from(u64::MAX)) as u64,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Cumulative counts per bucket bound, the total count and the sum in seconds.
+    pub fn cumulative(&self) -> (Vec<(f64, u64)>, u64, f64) {
+        let mut acc = 0;
+        let buckets = FANOUT_BUCKETS
+            .iter()
+            .zip(&self.buckets)
+            .map(|(&b, c)| {
+                acc += c.load(Ordering::Relaxed);
+                (b, acc)
+            })
+            .collect();
+        let count = self.count.load(Ordering::Relaxed);
+        let sum = self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
+        (buckets, count, sum)
+    }
+}
+
+/// Holds a gauge one higher while alive.
+pub struct GaugeGuard<'a>(&'a AtomicU64);
+
+impl<'a> GaugeGuard<'a> {
+    /// Increments `gauge` until the guard is dropped.
+    pub fn new(gauge: &'a AtomicU64) -> Self {
+        gauge.fetch_add(1, Ordering::Relaxed);
+        Self(gauge)
+    }
+}
+
+impl Drop for GaugeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl Stats {
     /// Adds one to a counter.
     pub fn inc(counter: &AtomicU64) {
@@ -80,5 +154,36 @@ impl Stats {
             .into_iter()
             .find(|(n, _)| *n == name)
             .map(|(_, v)| v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn histogram_is_cumulative_and_sums() {
+        let h = Histogram::default();
+        h.observe(Duration::from_micros(50));
+        h.observe(Duration::from_millis(3));
+        h.observe(Duration::from_secs(5));
+        let (buckets, count, sum) = h.cumulative();
+        assert_eq!(count, 3);
+        assert_eq!(buckets[0], (0.0001, 1));
+        assert_eq!(buckets[5], (0.005, 2));
+        assert_eq!(buckets.last().unwrap().1, 2, "5 s is only in +Inf");
+        assert!((sum - 5.00305).abs() < 1e-6);
+    }
+
+    #[test]
+    fn gauge_guard_counts_while_alive() {
+        let g = AtomicU64::new(0);
+        {
+            let _a = GaugeGuard::new(&g);
+            let _b = GaugeGuard::new(&g);
+            assert_eq!(g.load(Ordering::Relaxed), 2);
+        }
+        assert_eq!(g.load(Ordering::Relaxed), 0);
     }
 }

@@ -30,17 +30,17 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, trace, Instrument};
 
 use super::config::origin_allowed;
-use super::{now_us, Shared, Stats};
-use crate::proto::wire::{CloseCode, Hello, StreamMessage, PROTOCOL_VERSION};
+use super::{Shared, Stats};
+use crate::proto::wire::{CloseCode, StreamMessage};
 
 /// Path of the WebSocket endpoint on the HTTP port.
 pub const WEBSOCKET_PATH: &str = "/positions.ws";
 
 /// Channel byte of messages carrying reliable-stream bytes.
-pub const CHANNEL_STREAM: u8 = 0x00;
+pub const CHANNEL_STREAM: u8 = crate::proto::wire::WS_CHANNEL_STREAM;
 
 /// Channel byte of messages carrying one datagram payload.
-pub const CHANNEL_DATAGRAM: u8 = 0x01;
+pub const CHANNEL_DATAGRAM: u8 = crate::proto::wire::WS_CHANNEL_DATAGRAM;
 
 /// WebSocket close code for shutdown ("going away", RFC 6455 §7.4.1).
 const WS_GOING_AWAY: u16 = 1001;
@@ -128,7 +128,9 @@ async fn handle(socket: WebSocket, state: WsState, remote: SocketAddr, slot: Slo
     let span = tracing::info_span!("ws_session", id, %remote);
     async move {
         debug!("opened");
+        let open = super::stats::GaugeGuard::new(&shared.stats.open_websocket);
         let end = run(socket, &shared, &state.token).await;
+        drop(open);
         match &end {
             WsEnd::ClientClosed => debug!("ended: {end}"),
             WsEnd::Connection(_) => debug!("ended: {end}"),
@@ -149,17 +151,6 @@ async fn handle(socket: WebSocket, state: WsState, remote: SocketAddr, slot: Slo
     }
     .instrument(span)
     .await;
-}
-
-/// The Hello every session starts with.
-pub(crate) fn hello(shared: &Shared) -> StreamMessage {
-    StreamMessage::Hello(Hello {
-        version: PROTOCOL_VERSION,
-        tick_interval_ms: shared.args.tick_ms,
-        server_time_us: now_us(),
-        quant: shared.quant,
-        server: concat!("fleetcast/", env!("CARGO_PKG_VERSION")).to_string(),
-    })
 }
 
 /// A stream-channel message holding `frames` (whole frames).
@@ -200,7 +191,8 @@ async fn run(socket: WebSocket, shared: &Shared, token: &CancellationToken) -> W
 
         let mut frames = Vec::with_capacity(4096);
         // Invariant: the hello holds plain numbers and a short string; it always encodes.
-        hello(shared)
+        shared
+            .hello()
             .encode_frame(&mut frames)
             .expect("hello encodes");
         let snapshot = shared.latest.borrow().clone();

@@ -1,0 +1,296 @@
+//! `GET /metrics`: the server's counters in Prometheus text format, plus process CPU and memory
+//! read from `/proc` (Linux; elsewhere those lines are left out).
+
+use std::fmt::Write;
+use std::sync::atomic::Ordering;
+
+use super::Shared;
+
+/// Linux reports CPU times in clock ticks of 1/100 s (USER_HZ) on every architecture.
+const USER_HZ: f64 = 100.0;
+
+struct Out(String);
+
+impl Out {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &str, value: impl std::fmt::Display) {
+        if labels.is_empty() {
+            let _ = writeln!(self.0, "{name} {value}");
+        } else {
+            let _ = writeln!(self.0, "{name}{{{labels}}} {value}");
+        }
+    }
+}
+
+/// Renders every metric.
+pub(crate) fn render(shared: &Shared) -> String {
+    let s = &shared.stats;
+    let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    let mut o = Out(String::with_capacity(4096));
+
+    o.family("fleetcast_sessions", "gauge", "Open sessions by transport.");
+    o.sample(
+        "fleetcast_sessions",
+        "transport=\"webtransport\"",
+        get(&s.open_webtransport),
+    );
+    o.sample(
+        "fleetcast_sessions",
+        "transport=\"websocket\"",
+        get(&s.open_websocket),
+    );
+
+    o.family(
+        "fleetcast_sessions_accepted_total",
+        "counter",
+        "Sessions accepted by transport.",
+    );
+    o.sample(
+        "fleetcast_sessions_accepted_total",
+        "transport=\"webtransport\"",
+        get(&s.sessions_accepted),
+    );
+    o.sample(
+        "fleetcast_sessions_accepted_total",
+        "transport=\"websocket\"",
+        get(&s.ws_sessions_accepted),
+    );
+
+    o.family(
+        "fleetcast_sessions_refused_total",
+        "counter",
+        "Session attempts refused, by transport and reason.",
+    );
+    for (transport, reason, value) in [
+        ("webtransport", "not_found", get(&s.refused_not_found)),
+        ("webtransport", "forbidden", get(&s.refused_forbidden)),
+        ("webtransport", "full", get(&s.refused_full)),
+        ("webtransport", "handshakes_busy", get(&s.refused_busy)),
+        ("webtransport", "handshake_failed", get(&s.handshake_failed)),
+        ("websocket", "forbidden", get(&s.ws_refused_forbidden)),
+        ("websocket", "full", get(&s.ws_refused_full)),
+    ] {
+        let labels = format!("transport=\"{transport}\",reason=\"{reason}\"");
+        o.sample("fleetcast_sessions_refused_total", &labels, value);
+    }
+
+    o.family(
+        "fleetcast_sessions_closed_total",
+        "counter",
+        "Sessions the server closed, by transport and reason.",
+    );
+    for (transport, reason, value) in [
+        (
+            "webtransport",
+            "protocol_violation",
+            get(&s.closed_protocol_violation),
+        ),
+        ("webtransport", "slow_consumer", get(&s.closed_slow)),
+        ("webtransport", "going_away", get(&s.closed_going_away)),
+        (
+            "websocket",
+            "protocol_violation",
+            get(&s.ws_closed_protocol_violation),
+        ),
+        ("websocket", "slow_consumer", get(&s.ws_closed_slow)),
+        ("websocket", "going_away", get(&s.ws_closed_going_away)),
+    ] {
+        let labels = format!("transport=\"{transport}\",reason=\"{reason}\"");
+        o.sample("fleetcast_sessions_closed_total", &labels, value);
+    }
+
+    o.family(
+        "fleetcast_datagrams_sent_total",
+        "counter",
+        "Tick datagrams handed to the transport (WebSocket: datagram-channel messages).",
+    );
+    o.sample(
+        "fleetcast_datagrams_sent_total",
+        "transport=\"webtransport\"",
+        get(&s.datagrams_sent),
+    );
+    o.sample(
+        "fleetcast_datagrams_sent_total",
+        "transport=\"websocket\"",
+        get(&s.ws_datagrams_sent),
+    );
+    o.family(
+        "fleetcast_bytes_sent_total",
+        "counter",
+        "Bytes of those datagrams.",
+    );
+    o.sample(
+        "fleetcast_bytes_sent_total",
+        "transport=\"webtransport\"",
+        get(&s.bytes_sent),
+    );
+    o.sample(
+        "fleetcast_bytes_sent_total",
+        "transport=\"websocket\"",
+        get(&s.ws_bytes_sent),
+    );
+
+    o.family(
+        "fleetcast_datagrams_dropped_total",
+        "counter",
+        "Datagrams not delivered by the server, by reason: too_large (over the session's \
+         current limit), send_buffer_full (QUIC dropped the oldest queued datagram; counted when \
+         the session ends).",
+    );
+    o.sample(
+        "fleetcast_datagrams_dropped_total",
+        "reason=\"too_large\"",
+        get(&s.datagrams_too_large),
+    );
+    o.sample(
+        "fleetcast_datagrams_dropped_total",
+        "reason=\"send_buffer_full\"",
+        get(&s.datagrams_dropped),
+    );
+    o.family(
+        "fleetcast_ticks_skipped_total",
+        "counter",
+        "Ticks a lagging WebSocket session skipped to catch up with the newest.",
+    );
+    o.sample(
+        "fleetcast_ticks_skipped_total",
+        "transport=\"websocket\"",
+        get(&s.ws_ticks_skipped),
+    );
+    o.family(
+        "fleetcast_reencoded_ticks_total",
+        "counter",
+        "Ticks encoded again for sessions whose datagram limit is below the budget.",
+    );
+    o.sample(
+        "fleetcast_reencoded_ticks_total",
+        "",
+        get(&s.reencoded_ticks),
+    );
+
+    o.family("fleetcast_ticks_total", "counter", "Ticks produced.");
+    o.sample("fleetcast_ticks_total", "", get(&s.ticks));
+    o.family("fleetcast_cars", "gauge", "Cars in the newest tick.");
+    o.sample("fleetcast_cars", "", shared.latest.borrow().cars.len());
+    o.family(
+        "fleetcast_snapshot_bytes",
+        "gauge",
+        "Encoded size of the newest tick (all its datagram payloads, encoded once).",
+    );
+    o.sample("fleetcast_snapshot_bytes", "", get(&s.snapshot_bytes));
+    o.family(
+        "fleetcast_snapshot_datagrams",
+        "gauge",
+        "Datagrams in the newest tick.",
+    );
+    o.sample(
+        "fleetcast_snapshot_datagrams",
+        "",
+        get(&s.snapshot_datagrams),
+    );
+
+    let name = "fleetcast_tick_fanout_seconds";
+    o.family(
+        name,
+        "histogram",
+        "Time to hand one tick to every WebTransport session.",
+    );
+    let (buckets, count, sum) = s.fanout_seconds.cumulative();
+    for (le, n) in buckets {
+        o.sample(&format!("{name}_bucket"), &format!("le=\"{le}\""), n);
+    }
+    o.sample(&format!("{name}_bucket"), "le=\"+Inf\"", count);
+    o.sample(&format!("{name}_sum"), "", sum);
+    o.sample(&format!("{name}_count"), "", count);
+
+    if let Some(p) = ProcessStats::read() {
+        o.family(
+            "process_cpu_seconds_total",
+            "counter",
+            "User and system CPU time of the server process.",
+        );
+        o.sample("process_cpu_seconds_total", "", p.cpu_seconds);
+        o.family(
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident set size.",
+        );
+        o.sample("process_resident_memory_bytes", "", p.rss_bytes);
+        o.family("process_open_fds", "gauge", "Open file descriptors.");
+        o.sample("process_open_fds", "", p.open_fds);
+    }
+    o.0
+}
+
+/// CPU time and memory of this process.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ProcessStats {
+    /// User + system CPU seconds.
+    pub cpu_seconds: f64,
+    /// Resident set size, bytes.
+    pub rss_bytes: u64,
+    /// Open file descriptors.
+    pub open_fds: usize,
+}
+
+impl ProcessStats {
+    /// Reads `/proc/self`; `None` where it does not exist.
+    pub fn read() -> Option<Self> {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let open_fds = std::fs::read_dir("/proc/self/fd").ok()?.count();
+        Some(Self {
+            cpu_seconds: cpu_seconds(&stat)?,
+            rss_bytes: rss_bytes(&status)?,
+            open_fds,
+        })
+    }
+}
+
+/// utime + stime (fields 14 and 15 of `/proc/PID/stat`), in seconds.
+fn cpu_seconds(stat: &str) -> Option<f64> {
+    // The command name (field 2) may contain spaces and parentheses: split after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3, so utime (14) and stime (15) are at indexes 11 and 12.
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / USER_HZ)
+}
+
+/// `VmRSS` from `/proc/PID/status`, in bytes.
+fn rss_bytes(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_seconds_parses_a_name_with_spaces() {
+        let stat = "1234 (my (odd) name) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0 1 0";
+        assert_eq!(cpu_seconds(stat), Some(3.0));
+    }
+
+    #[test]
+    fn rss_bytes_reads_kilobytes() {
+        assert_eq!(
+            rss_bytes("Name:\tx\nVmRSS:\t  2048 kB\n"),
+            Some(2048 * 1024)
+        );
+        assert_eq!(rss_bytes("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn process_stats_read_this_process() {
+        let p = ProcessStats::read().expect("Linux /proc");
+        assert!(p.rss_bytes > 1024 * 1024);
+        assert!(p.open_fds >= 3);
+    }
+}

@@ -1,0 +1,613 @@
+//! `fleetcast swarm`: a load generator that opens many sessions and measures what they receive.
+//!
+//! Sessions are spread over several client endpoints (one UDP socket each, `--sessions-per-
+//! endpoint`), because one endpoint's single receive task drops datagrams at thousands of
+//! sessions. Connecting is bounded in rate and concurrency. Once every session has connected (or
+//! the connect phase timed out) a measurement window of `--duration` starts; each session
+//! records the ticks whose server time falls in that window, and the report compares what
+//! arrived with what the server sent: every connected session should get every part of every
+//! tick.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use futures::StreamExt;
+use serde::Serialize;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+use tracing::{info, warn};
+use wtransport::endpoint::endpoint_side;
+use wtransport::Endpoint;
+
+use crate::client::{self, ClientOptions, Event, Trust};
+use crate::proto::wire::{
+    FrameDecoder, StreamMessage, TickHeader, WS_CHANNEL_DATAGRAM, WS_CHANNEL_STREAM,
+};
+use crate::server::config::{parse_bytes, parse_duration};
+use crate::server::now_us;
+use crate::watch::LatencyHistogram;
+
+/// Which transport the swarm uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// WebTransport sessions (datagrams).
+    Webtransport,
+    /// The WebSocket fallback (newest tick only).
+    Websocket,
+}
+
+/// `fleetcast swarm` options.
+#[derive(Debug, Clone, Args)]
+pub struct SwarmArgs {
+    /// Session URL (WebTransport).
+    #[arg(
+        long,
+        env = "FLEETCAST_URL",
+        default_value = "https://localhost:4433/positions"
+    )]
+    pub url: String,
+
+    /// Trust a self-signed certificate with this SHA-256 (hex). Overrides --cert-hash-url.
+    #[arg(long, env = "FLEETCAST_CERT_HASH")]
+    pub cert_hash: Option<String>,
+
+    /// Where to fetch the certificate hash; default `http://HOST:8080/certificate.sha256`.
+    #[arg(long, env = "FLEETCAST_CERT_HASH_URL")]
+    pub cert_hash_url: Option<String>,
+
+    /// WebSocket URL for `--transport websocket`; default `ws://HOST:PORT/positions.ws` on the
+    /// host and port of the certificate hash URL.
+    #[arg(long, env = "FLEETCAST_WS_URL")]
+    pub ws_url: Option<String>,
+
+    /// Transport to load.
+    #[arg(long, value_enum, default_value = "webtransport")]
+    pub transport: Transport,
+
+    /// Sessions to open.
+    #[arg(long, default_value_t = 1000)]
+    pub sessions: usize,
+
+    /// Sessions per client endpoint (UDP socket).
+    #[arg(long, default_value_t = 500)]
+    pub sessions_per_endpoint: usize,
+
+    /// Connection attempts in flight at most.
+    #[arg(long, default_value_t = 200)]
+    pub connect_concurrency: usize,
+
+    /// New connection attempts per second at most.
+    #[arg(long, default_value_t = 2000)]
+    pub connect_rate: u32,
+
+    /// Give up connecting the rest after this long.
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// Measured time once the sessions are connected.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub duration: Duration,
+
+    /// UDP buffer per client endpoint.
+    #[arg(long, default_value = "4MiB", value_parser = parse_bytes)]
+    pub udp_buffer: usize,
+
+    /// Print one JSON object on stdout instead of a text summary.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl SwarmArgs {
+    fn hash_url(&self) -> String {
+        crate::watch::default_hash_url(&self.url, self.cert_hash_url.as_deref())
+    }
+
+    fn ws_url(&self) -> String {
+        if let Some(u) = &self.ws_url {
+            return u.clone();
+        }
+        let hash_url = self.hash_url();
+        let authority = hash_url
+            .split("://")
+            .nth(1)
+            .and_then(|rest| rest.split('/').next())
+            .unwrap_or("localhost:8080");
+        format!("ws://{authority}/positions.ws")
+    }
+}
+
+/// Latency percentiles, milliseconds.
+#[derive(Debug, Clone, Copy, Serialize, Default)]
+pub struct SwarmLatency {
+    /// Median.
+    pub p50: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// 99.9th percentile.
+    pub p999: f64,
+    /// Largest.
+    pub max: f64,
+}
+
+/// What `fleetcast swarm --json` prints.
+#[derive(Debug, Clone, Serialize)]
+pub struct SwarmReport {
+    /// Transport used.
+    pub transport: Transport,
+    /// Sessions asked for.
+    pub sessions_requested: usize,
+    /// Sessions open when the measurement started.
+    pub sessions_connected: usize,
+    /// Connection attempts that failed (or did not finish in time).
+    pub connect_failures: usize,
+    /// Time from the first attempt until every session was open (or the connect phase ended).
+    pub connect_seconds: f64,
+    /// Sessions that ended during the measurement.
+    pub sessions_lost: usize,
+    /// Length of the measurement window, seconds.
+    pub duration_seconds: f64,
+    /// Ticks the server sent during the window (seen by at least one session).
+    pub ticks: usize,
+    /// Datagram parts per tick (the largest seen).
+    pub parts_per_tick: u16,
+    /// Parts received / (parts sent × sessions connected), over the window.
+    pub delivery_ratio: f64,
+    /// (session, tick) pairs with every part received.
+    pub ticks_complete: u64,
+    /// (session, tick) pairs with some parts lost.
+    pub ticks_partial: u64,
+    /// (session, tick) pairs with every part lost.
+    pub ticks_missed: u64,
+    /// Datagrams received in the window.
+    pub datagrams: u64,
+    /// Their payload bytes.
+    pub bytes: u64,
+    /// Tick-to-receipt latency (receive time minus the tick's server time).
+    pub latency_ms: SwarmLatency,
+}
+
+impl SwarmReport {
+    /// A readable multi-line summary.
+    pub fn summary(&self) -> String {
+        format!(
+            "transport          {:?}\n\
+             sessions           {} connected of {} ({} failed, {} lost during the run)\n\
+             connect time       {:.1} s\n\
+             window             {:.1} s, {} ticks × {} part(s)\n\
+             delivery ratio     {:.5}\n\
+             session-ticks      {} complete, {} partial, {} missed\n\
+             latency ms         p50 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}\n\
+             received           {} datagrams, {} bytes",
+            self.transport,
+            self.sessions_connected,
+            self.sessions_requested,
+            self.connect_failures,
+            self.sessions_lost,
+            self.connect_seconds,
+            self.duration_seconds,
+            self.ticks,
+            self.parts_per_tick,
+            self.delivery_ratio,
+            self.ticks_complete,
+            self.ticks_partial,
+            self.ticks_missed,
+            self.latency_ms.p50,
+            self.latency_ms.p99,
+            self.latency_ms.p999,
+            self.latency_ms.max,
+            self.datagrams,
+            self.bytes,
+        )
+    }
+}
+
+/// The measurement window in server microseconds; 0 until the connect phase ends.
+#[derive(Default)]
+struct Window {
+    start_us: AtomicU64,
+    end_us: AtomicU64,
+}
+
+impl Window {
+    fn contains(&self, time_us: u64) -> bool {
+        let start = self.start_us.load(Ordering::Relaxed);
+        start != 0 && time_us >= start && time_us < self.end_us.load(Ordering::Relaxed)
+    }
+}
+
+/// What one session received inside the window.
+#[derive(Default)]
+struct Record {
+    /// (tick, part, parts) per datagram.
+    parts: Vec<(u64, u16, u16)>,
+    /// Latency per datagram, microseconds.
+    latency_us: Vec<u64>,
+    bytes: u64,
+    /// The session ended before the swarm closed it.
+    lost: bool,
+}
+
+impl Record {
+    fn datagram(&mut self, header: TickHeader, len: usize, window: &Window) {
+        if window.contains(header.time_us) {
+            self.parts.push((header.tick, header.part, header.parts));
+            self.latency_us
+                .push(now_us().saturating_sub(header.time_us));
+            self.bytes += len as u64;
+        }
+    }
+}
+
+/// Shared state of a swarm run.
+struct Run {
+    args: SwarmArgs,
+    window: Window,
+    connected: AtomicUsize,
+    failed: AtomicUsize,
+    records: Mutex<Vec<Record>>,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+/// Runs the swarm and returns its report.
+pub async fn run(args: SwarmArgs) -> Result<SwarmReport> {
+    if args.sessions == 0 {
+        bail!("--sessions must be at least 1");
+    }
+    let trust = match &args.cert_hash {
+        Some(h) => Trust::Hashes(vec![client::parse_hash(h)?]),
+        None if args.transport == Transport::Websocket => Trust::SystemRoots,
+        None => match client::fetch_cert_hashes(&args.hash_url()).await? {
+            Some(hashes) => Trust::Hashes(hashes),
+            None => Trust::SystemRoots,
+        },
+    };
+    let run = Arc::new(Run {
+        window: Window::default(),
+        connected: AtomicUsize::new(0),
+        failed: AtomicUsize::new(0),
+        records: Mutex::new(Vec::with_capacity(args.sessions)),
+        stop: tokio_util::sync::CancellationToken::new(),
+        args,
+    });
+    let args = &run.args;
+
+    let mut endpoints = Vec::new();
+    if args.transport == Transport::Webtransport {
+        let count = args.sessions.div_ceil(args.sessions_per_endpoint.max(1));
+        let mut options = ClientOptions::new(trust);
+        options.udp_buffer = Some(args.udp_buffer);
+        // Enough for a few ticks of a large fleet, small enough for thousands of sessions.
+        options.datagram_buffer = 64 * 1024;
+        for _ in 0..count {
+            endpoints.push(Arc::new(client::endpoint(&options)?));
+        }
+    }
+
+    let started = Instant::now();
+    let permits = Arc::new(Semaphore::new(args.connect_concurrency.max(1)));
+    let mut pace = tokio::time::interval(Duration::from_secs_f64(
+        1.0 / f64::from(args.connect_rate.max(1)),
+    ));
+    pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let progress = Progress::new(args.sessions);
+    let mut tasks = tokio::task::JoinSet::new();
+    let connect_deadline = started + args.connect_timeout;
+    for i in 0..args.sessions {
+        pace.tick().await;
+        let Ok(permit) =
+            tokio::time::timeout_at(connect_deadline, permits.clone().acquire_owned()).await
+        else {
+            break;
+        };
+        let permit = permit.context("semaphore closed")?;
+        let endpoint = endpoints
+            .get(i / args.sessions_per_endpoint.max(1))
+            .cloned();
+        tasks.spawn(session(run.clone(), endpoint, permit));
+        progress.update(&run);
+    }
+    // Wait for the attempts in flight to finish connecting.
+    while run.connected.load(Ordering::Relaxed) + run.failed.load(Ordering::Relaxed) < tasks.len()
+        && Instant::now() < connect_deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        progress.update(&run);
+    }
+    let connect_seconds = started.elapsed().as_secs_f64();
+    let connected = run.connected.load(Ordering::Relaxed);
+    let failed = args.sessions - connected;
+    progress.finish(&run);
+    info!(
+        "{connected} sessions connected in {connect_seconds:.1} s; measuring for {:?}",
+        args.duration
+    );
+
+    let start_us = now_us();
+    let end_us = start_us + args.duration.as_micros() as u64;
+    run.window.end_us.store(end_us, Ordering::Relaxed);
+    run.window.start_us.store(start_us, Ordering::Relaxed);
+    tokio::time::sleep(args.duration).await;
+    // Datagrams of the window's last tick may still be in flight.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    run.stop.cancel();
+    while tasks.join_next().await.is_some() {}
+
+    let records = std::mem::take(&mut *run.records.lock().expect("records lock"));
+    Ok(report(args, &records, connected, failed, connect_seconds))
+}
+
+/// Summarises every session's record.
+fn report(
+    args: &SwarmArgs,
+    records: &[Record],
+    connected: usize,
+    failed: usize,
+    connect_seconds: f64,
+) -> SwarmReport {
+    // Ticks in the window and their part counts, from every session's view.
+    let mut ticks: BTreeMap<u64, u16> = BTreeMap::new();
+    for r in records {
+        for &(tick, _, parts) in &r.parts {
+            let e = ticks.entry(tick).or_insert(parts);
+            *e = (*e).max(parts);
+        }
+    }
+    let mut hist = LatencyHistogram::default();
+    let (mut received, mut complete, mut partial, mut missed) = (0u64, 0u64, 0u64, 0u64);
+    let (mut datagrams, mut bytes) = (0u64, 0u64);
+    for r in records {
+        let mut per_tick: HashMap<u64, Vec<u16>> = HashMap::new();
+        for &(tick, part, _) in &r.parts {
+            per_tick.entry(tick).or_default().push(part);
+        }
+        for (&tick, &parts) in &ticks {
+            match per_tick.get_mut(&tick) {
+                None => missed += 1,
+                Some(got) => {
+                    got.sort_unstable();
+                    got.dedup();
+                    received += got.len() as u64;
+                    if got.len() == usize::from(parts) {
+                        complete += 1;
+                    } else {
+                        partial += 1;
+                    }
+                }
+            }
+        }
+        for &us in &r.latency_us {
+            hist.record(us);
+        }
+        datagrams += r.parts.len() as u64;
+        bytes += r.bytes;
+    }
+    let expected: u64 = ticks.values().map(|&p| u64::from(p)).sum::<u64>() * connected as u64;
+    let h = hist.inner();
+    let ms = |us: u64| us as f64 / 1000.0;
+    SwarmReport {
+        transport: args.transport,
+        sessions_requested: args.sessions,
+        sessions_connected: connected,
+        connect_failures: failed,
+        connect_seconds,
+        sessions_lost: records.iter().filter(|r| r.lost).count(),
+        duration_seconds: args.duration.as_secs_f64(),
+        ticks: ticks.len(),
+        parts_per_tick: ticks.values().copied().max().unwrap_or(0),
+        delivery_ratio: if expected == 0 {
+            0.0
+        } else {
+            received as f64 / expected as f64
+        },
+        ticks_complete: complete,
+        ticks_partial: partial,
+        ticks_missed: missed,
+        datagrams,
+        bytes,
+        latency_ms: if h.is_empty() {
+            SwarmLatency::default()
+        } else {
+            SwarmLatency {
+                p50: ms(h.value_at_quantile(0.5)),
+                p99: ms(h.value_at_quantile(0.99)),
+                p999: ms(h.value_at_quantile(0.999)),
+                max: ms(h.max()),
+            }
+        },
+    }
+}
+
+/// One session: connect, read the initial state, record datagrams until the run stops.
+async fn session(
+    run: Arc<Run>,
+    endpoint: Option<Arc<Endpoint<endpoint_side::Client>>>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let mut record = Record::default();
+    let result = match endpoint {
+        Some(endpoint) => webtransport_session(&run, &endpoint, permit, &mut record).await,
+        None => websocket_session(&run, permit, &mut record).await,
+    };
+    match result {
+        Err(SessionError::Connect(e)) => {
+            run.failed.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!("connect failed: {e:#}");
+            return;
+        }
+        Err(SessionError::Ended(e)) => {
+            record.lost = true;
+            if !run.stop.is_cancelled() {
+                tracing::debug!("session ended: {e}");
+            }
+        }
+        Ok(()) => {}
+    }
+    run.records.lock().expect("records lock").push(record);
+}
+
+enum SessionError {
+    Connect(anyhow::Error),
+    Ended(String),
+}
+
+async fn webtransport_session(
+    run: &Run,
+    endpoint: &Endpoint<endpoint_side::Client>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    record: &mut Record,
+) -> Result<(), SessionError> {
+    let mut session = client::open(endpoint, &run.args.url, None)
+        .await
+        .map_err(SessionError::Connect)?;
+    let mut permit = Some(permit);
+    loop {
+        let event = tokio::select! {
+            _ = run.stop.cancelled() => {
+                session.close();
+                return Ok(());
+            }
+            event = session.next() => event,
+        };
+        match event {
+            Ok(Event::Message(StreamMessage::State(_))) => {
+                // Connected once the initial state is in: release the connect slot.
+                if permit.take().is_some() {
+                    run.connected.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Ok(Event::Message(_)) => {}
+            Ok(Event::Datagram(bytes)) => {
+                if let Ok(header) = TickHeader::decode(&bytes) {
+                    record.datagram(header, bytes.len(), &run.window);
+                }
+            }
+            Err(end) => {
+                if permit.is_some() {
+                    return Err(SessionError::Connect(anyhow::anyhow!("{end}")));
+                }
+                return Err(SessionError::Ended(end.to_string()));
+            }
+        }
+    }
+}
+
+async fn websocket_session(
+    run: &Run,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    record: &mut Record,
+) -> Result<(), SessionError> {
+    let url = run.args.ws_url();
+    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
+        .await
+        .map_err(|e| SessionError::Connect(anyhow::anyhow!("{url}: {e}")))?;
+    let mut permit = Some(permit);
+    let mut frames = FrameDecoder::new();
+    loop {
+        let msg = tokio::select! {
+            _ = run.stop.cancelled() => {
+                let _ = ws.close(None).await;
+                return Ok(());
+            }
+            msg = ws.next() => msg,
+        };
+        let data = match msg {
+            Some(Ok(Message::Binary(data))) => data,
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Err(end_or_connect(&mut permit, e.to_string())),
+            None => return Err(end_or_connect(&mut permit, "closed".into())),
+        };
+        match data.split_first() {
+            Some((&WS_CHANNEL_STREAM, rest)) => {
+                frames.push(rest);
+                while let Ok(Some(msg)) = frames.next_message() {
+                    if matches!(msg, StreamMessage::State(_)) && permit.take().is_some() {
+                        run.connected.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            Some((&WS_CHANNEL_DATAGRAM, rest)) => {
+                if let Ok(header) = TickHeader::decode(rest) {
+                    record.datagram(header, rest.len(), &run.window);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn end_or_connect(
+    permit: &mut Option<tokio::sync::OwnedSemaphorePermit>,
+    e: String,
+) -> SessionError {
+    if permit.is_some() {
+        SessionError::Connect(anyhow::anyhow!(e))
+    } else {
+        SessionError::Ended(e)
+    }
+}
+
+/// Connect progress on stderr: a live line on a terminal, a log line every 5 s otherwise.
+struct Progress {
+    total: usize,
+    terminal: bool,
+    last: Mutex<Instant>,
+}
+
+impl Progress {
+    fn new(total: usize) -> Self {
+        Self {
+            total,
+            terminal: std::io::stderr().is_terminal(),
+            last: Mutex::new(Instant::now()),
+        }
+    }
+
+    fn update(&self, run: &Run) {
+        let mut last = self.last.lock().expect("progress lock");
+        let every = if self.terminal { 200 } else { 5000 };
+        if last.elapsed() < Duration::from_millis(every) {
+            return;
+        }
+        *last = Instant::now();
+        let (ok, failed) = (
+            run.connected.load(Ordering::Relaxed),
+            run.failed.load(Ordering::Relaxed),
+        );
+        if self.terminal {
+            let width = 30;
+            let filled = (ok * width / self.total.max(1)).min(width);
+            eprint!(
+                "\rconnecting [{}{}] {ok}/{} ({failed} failed)   ",
+                "#".repeat(filled),
+                " ".repeat(width - filled),
+                self.total
+            );
+        } else {
+            info!("connecting: {ok}/{} open, {failed} failed", self.total);
+        }
+    }
+
+    fn finish(&self, run: &Run) {
+        if self.terminal {
+            eprintln!(
+                "\rconnected {}/{} ({} failed)                              ",
+                run.connected.load(Ordering::Relaxed),
+                self.total,
+                run.failed.load(Ordering::Relaxed)
+            );
+        }
+        if run.failed.load(Ordering::Relaxed) > 0 {
+            warn!(
+                "{} sessions failed to connect",
+                run.failed.load(Ordering::Relaxed)
+            );
+        }
+    }
+}

@@ -1,0 +1,53 @@
+//! Smoke test of the load generator: a small swarm against a real server, both transports.
+
+mod common;
+
+use std::time::Duration;
+
+use common::TestServer;
+use fleetcast::swarm::{self, SwarmArgs, Transport};
+
+fn args(ts: &TestServer, transport: Transport, sessions: usize) -> SwarmArgs {
+    SwarmArgs {
+        url: common::url_for(ts.server.wt_addr, "/positions"),
+        cert_hash: ts.server.cert_hash.clone(),
+        cert_hash_url: None,
+        ws_url: Some(format!("ws://{}/positions.ws", ts.server.http_addr)),
+        transport,
+        sessions,
+        sessions_per_endpoint: 250,
+        connect_concurrency: 100,
+        connect_rate: 2000,
+        connect_timeout: Duration::from_secs(60),
+        duration: Duration::from_secs(2),
+        udp_buffer: 4 << 20,
+        json: true,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_webtransport_sessions_all_receive_every_tick() {
+    let ts = TestServer::start(|a| a.tick_ms = 250).await;
+    let report = swarm::run(args(&ts, Transport::Webtransport, 1000))
+        .await
+        .unwrap();
+    assert_eq!(report.sessions_connected, 1000, "{report:?}");
+    assert!(report.ticks >= 6, "{report:?}");
+    assert_eq!(report.parts_per_tick, 1);
+    // Loopback with 4 MiB buffers: nothing should be lost at this size.
+    assert!(report.delivery_ratio >= 0.999, "{report:?}");
+    assert!(report.latency_ms.max > 0.0);
+    assert_eq!(ts.server.stats().get("sessions_accepted"), Some(1000));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_swarm_measures_the_same_ticks() {
+    let ts = TestServer::start(|a| a.tick_ms = 250).await;
+    let report = swarm::run(args(&ts, Transport::Websocket, 200))
+        .await
+        .unwrap();
+    assert_eq!(report.sessions_connected, 200, "{report:?}");
+    assert!(report.ticks >= 6, "{report:?}");
+    assert!(report.delivery_ratio >= 0.999, "{report:?}");
+    assert_eq!(ts.server.stats().get("ws_sessions_accepted"), Some(200));
+}
