@@ -99,6 +99,12 @@ pub struct SwarmArgs {
     #[arg(long, default_value = "4MiB", value_parser = parse_bytes)]
     pub udp_buffer: usize,
 
+    /// The server's Prometheus endpoint, read before connecting and around the window to
+    /// report server CPU per datagram and memory per session; default `http://HOST:PORT/metrics`
+    /// on the certificate hash URL's host and port. `none` skips it.
+    #[arg(long, env = "FLEETCAST_METRICS_URL")]
+    pub metrics_url: Option<String>,
+
     /// Print one JSON object on stdout instead of a text summary.
     #[arg(long)]
     pub json: bool,
@@ -109,17 +115,30 @@ impl SwarmArgs {
         crate::watch::default_hash_url(&self.url, self.cert_hash_url.as_deref())
     }
 
-    fn ws_url(&self) -> String {
-        if let Some(u) = &self.ws_url {
-            return u.clone();
-        }
+    /// `host:port` of the server's HTTP side.
+    fn http_authority(&self) -> String {
         let hash_url = self.hash_url();
-        let authority = hash_url
+        hash_url
             .split("://")
             .nth(1)
             .and_then(|rest| rest.split('/').next())
-            .unwrap_or("localhost:8080");
-        format!("ws://{authority}/positions.ws")
+            .unwrap_or("localhost:8080")
+            .to_string()
+    }
+
+    fn ws_url(&self) -> String {
+        match &self.ws_url {
+            Some(u) => u.clone(),
+            None => format!("ws://{}/positions.ws", self.http_authority()),
+        }
+    }
+
+    fn metrics_url(&self) -> Option<String> {
+        match self.metrics_url.as_deref() {
+            Some("none") => None,
+            Some(u) => Some(u.to_string()),
+            None => Some(format!("http://{}/metrics", self.http_authority())),
+        }
     }
 }
 
@@ -171,6 +190,43 @@ pub struct SwarmReport {
     pub bytes: u64,
     /// Tick-to-receipt latency (receive time minus the tick's server time).
     pub latency_ms: SwarmLatency,
+    /// Age of the newest position each session held, sampled every 100 ms over the window
+    /// (sample time minus the newest received tick's server time).
+    pub position_age_ms: SwarmLatency,
+    /// Server figures from its `/metrics`, when reachable.
+    pub server: Option<ServerFigures>,
+}
+
+/// What the server's `/metrics` said over the measurement window.
+#[derive(Debug, Clone, Copy, Serialize, Default)]
+pub struct ServerFigures {
+    /// Server CPU (user + system) during the window, seconds.
+    pub cpu_seconds: f64,
+    /// Server CPU per datagram the sessions received in the window, microseconds.
+    pub cpu_us_per_delivered_datagram: f64,
+    /// Server resident memory at the end of the window, bytes.
+    pub rss_bytes: u64,
+    /// Server resident memory before the swarm connected, bytes.
+    pub rss_before_bytes: u64,
+    /// (RSS at the end − RSS before) / sessions connected, bytes.
+    pub rss_per_session_bytes: f64,
+}
+
+/// Reads one unlabelled sample from Prometheus text.
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.split(' ').next() == Some(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+async fn scrape(url: &Option<String>) -> Option<(f64, f64)> {
+    let url = url.as_ref()?;
+    let text = reqwest::get(url).await.ok()?.text().await.ok()?;
+    Some((
+        metric(&text, "process_cpu_seconds_total")?,
+        metric(&text, "process_resident_memory_bytes")?,
+    ))
 }
 
 impl SwarmReport {
@@ -184,7 +240,8 @@ impl SwarmReport {
              delivery ratio     {:.5}\n\
              session-ticks      {} complete, {} partial, {} missed\n\
              latency ms         p50 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}\n\
-             received           {} datagrams, {} bytes",
+             position age ms    p50 {:.1}  p99 {:.1}  max {:.1}\n\
+             received           {} datagrams, {} bytes{}",
             self.transport,
             self.sessions_connected,
             self.sessions_requested,
@@ -202,8 +259,22 @@ impl SwarmReport {
             self.latency_ms.p99,
             self.latency_ms.p999,
             self.latency_ms.max,
+            self.position_age_ms.p50,
+            self.position_age_ms.p99,
+            self.position_age_ms.max,
             self.datagrams,
             self.bytes,
+            match &self.server {
+                Some(s) => format!(
+                    "\nserver             {:.2} CPU s in the window, {:.2} us per delivered datagram, \
+                     RSS {:.1} MB ({:.1} KB per session)",
+                    s.cpu_seconds,
+                    s.cpu_us_per_delivered_datagram,
+                    s.rss_bytes as f64 / 1e6,
+                    s.rss_per_session_bytes / 1e3
+                ),
+                None => String::new(),
+            }
         )
     }
 }
@@ -229,6 +300,8 @@ struct Record {
     parts: Vec<(u64, u16, u16)>,
     /// Latency per datagram, microseconds.
     latency_us: Vec<u64>,
+    /// Server time of each datagram's tick.
+    tick_time_us: Vec<u64>,
     bytes: u64,
     /// The session ended before the swarm closed it.
     lost: bool,
@@ -240,6 +313,7 @@ impl Record {
             self.parts.push((header.tick, header.part, header.parts));
             self.latency_us
                 .push(now_us().saturating_sub(header.time_us));
+            self.tick_time_us.push(header.time_us);
             self.bytes += len as u64;
         }
     }
@@ -290,6 +364,11 @@ pub async fn run(args: SwarmArgs) -> Result<SwarmReport> {
         }
     }
 
+    let metrics_url = args.metrics_url();
+    let before = scrape(&metrics_url).await;
+    if metrics_url.is_some() && before.is_none() {
+        warn!("cannot read the server's metrics; server figures are left out");
+    }
     let started = Instant::now();
     let permits = Arc::new(Semaphore::new(args.connect_concurrency.max(1)));
     let mut pace = tokio::time::interval(Duration::from_secs_f64(
@@ -329,18 +408,82 @@ pub async fn run(args: SwarmArgs) -> Result<SwarmReport> {
         args.duration
     );
 
+    let at_start = scrape(&metrics_url).await;
     let start_us = now_us();
     let end_us = start_us + args.duration.as_micros() as u64;
     run.window.end_us.store(end_us, Ordering::Relaxed);
     run.window.start_us.store(start_us, Ordering::Relaxed);
     tokio::time::sleep(args.duration).await;
+    let at_end = scrape(&metrics_url).await;
     // Datagrams of the window's last tick may still be in flight.
     tokio::time::sleep(Duration::from_millis(500)).await;
     run.stop.cancel();
     while tasks.join_next().await.is_some() {}
 
     let records = std::mem::take(&mut *run.records.lock().expect("records lock"));
-    Ok(report(args, &records, connected, failed, connect_seconds))
+    let mut report = report(args, &records, connected, failed, connect_seconds);
+    report.position_age_ms = position_age(&records, start_us, end_us);
+    if let (Some(before), Some(start), Some(end)) = (before, at_start, at_end) {
+        let cpu = end.0 - start.0;
+        report.server = Some(ServerFigures {
+            cpu_seconds: cpu,
+            cpu_us_per_delivered_datagram: if report.datagrams > 0 {
+                cpu * 1e6 / report.datagrams as f64
+            } else {
+                0.0
+            },
+            rss_bytes: end.1 as u64,
+            rss_before_bytes: before.1 as u64,
+            rss_per_session_bytes: if connected > 0 {
+                (end.1 - before.1) / connected as f64
+            } else {
+                0.0
+            },
+        });
+    }
+    Ok(report)
+}
+
+/// Samples, every 100 ms from one second into the window, how old each session's newest
+/// position was: the sample time minus the server time of the newest tick received by then.
+fn position_age(records: &[Record], start_us: u64, end_us: u64) -> SwarmLatency {
+    const STEP_US: u64 = 100_000;
+    let mut hist = LatencyHistogram::default();
+    for r in records {
+        // (receive time, tick time), by receive time.
+        let mut arrivals: Vec<(u64, u64)> = r
+            .latency_us
+            .iter()
+            .zip(&r.tick_time_us)
+            .map(|(&lat, &t)| (t + lat, t))
+            .collect();
+        arrivals.sort_unstable();
+        let mut newest = None::<u64>;
+        let mut next = 0;
+        let mut t = start_us + 1_000_000;
+        while t < end_us {
+            while next < arrivals.len() && arrivals[next].0 <= t {
+                newest = Some(newest.map_or(arrivals[next].1, |n: u64| n.max(arrivals[next].1)));
+                next += 1;
+            }
+            if let Some(n) = newest {
+                hist.record(t.saturating_sub(n));
+            }
+            t += STEP_US;
+        }
+    }
+    let l = hist.latency();
+    let h = hist.inner();
+    SwarmLatency {
+        p50: l.p50,
+        p99: l.p99,
+        p999: if h.is_empty() {
+            0.0
+        } else {
+            h.value_at_quantile(0.999) as f64 / 1000.0
+        },
+        max: l.max,
+    }
 }
 
 /// Summarises every session's record.
@@ -411,6 +554,8 @@ fn report(
         ticks_missed: missed,
         datagrams,
         bytes,
+        position_age_ms: SwarmLatency::default(),
+        server: None,
         latency_ms: if h.is_empty() {
             SwarmLatency::default()
         } else {

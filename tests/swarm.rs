@@ -21,6 +21,7 @@ fn args(ts: &TestServer, transport: Transport, sessions: usize) -> SwarmArgs {
         connect_timeout: Duration::from_secs(60),
         duration: Duration::from_secs(2),
         udp_buffer: 4 << 20,
+        metrics_url: Some(format!("http://{}/metrics", ts.server.http_addr)),
         json: true,
     }
 }
@@ -38,6 +39,16 @@ async fn thousand_webtransport_sessions_all_receive_every_tick() {
     assert!(report.delivery_ratio >= 0.999, "{report:?}");
     assert!(report.latency_ms.max > 0.0);
     assert_eq!(ts.server.stats().get("sessions_accepted"), Some(1000));
+    // Positions are never older than a few ticks on a clean path.
+    assert!(
+        report.position_age_ms.p50 > 0.0 && report.position_age_ms.max < 2000.0,
+        "{report:?}"
+    );
+    let server = report.server.expect("server metrics read");
+    assert!(
+        server.cpu_seconds > 0.0 && server.rss_bytes > 0,
+        "{server:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
