@@ -102,7 +102,8 @@ pub fn endpoint(options: &ClientOptions) -> Result<Endpoint<endpoint_side::Clien
     .build();
     let mut transport = quinn::TransportConfig::default();
     transport.max_idle_timeout(Some(quinn::IdleTimeout::try_from(options.idle_timeout)?));
-    transport.keep_alive_interval(Some(options.idle_timeout / 3));
+    // Like a browser, send no keep-alives: acknowledging the server's datagrams keeps the
+    // connection alive, and a silent server is noticed by the idle timeout.
     transport.datagram_receive_buffer_size(Some(options.datagram_buffer));
     transport.datagram_send_buffer_size(4096);
     config

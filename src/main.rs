@@ -16,6 +16,11 @@ use fleetcast::watch::{self, WatchArgs};
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
+    /// Runtime worker threads (default: one per core). 1 runs everything on one thread, which
+    /// saves cross-thread wake-ups when another process (a load generator) shares the cores.
+    #[arg(long, global = true, env = "FLEETCAST_THREADS")]
+    threads: Option<usize>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -30,8 +35,24 @@ enum Command {
     Swarm(SwarmArgs),
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let runtime = match cli.threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
+        Some(n) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n.max(1))
+            .enable_all()
+            .build()?,
+        None => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?,
+    };
+    runtime.block_on(run(cli.command))
+}
+
+async fn run(command: Command) -> Result<()> {
     // A process-wide crypto provider, so rustls never has to guess between ring and aws-lc.
     let _ = rustls::crypto::ring::default_provider().install_default();
     tracing_subscriber::fmt()
@@ -41,7 +62,7 @@ async fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    match Cli::parse().command {
+    match command {
         Command::Serve(args) => serve(*args).await,
         Command::Watch(args) => {
             let json = args.json;

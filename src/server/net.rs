@@ -15,8 +15,16 @@ pub fn transport_config(args: &ServeArgs) -> Result<quinn::TransportConfig> {
     t.max_idle_timeout(Some(
         quinn::IdleTimeout::try_from(args.idle_timeout).context("--idle-timeout too large")?,
     ));
-    // Datagrams flow every tick, but with long ticks keep the path (and NAT bindings) alive.
-    t.keep_alive_interval(Some((args.idle_timeout / 3).max(Duration::from_secs(1))));
+    // Every tick's datagram is acknowledged by the client, which keeps the connection alive;
+    // only when ticks are further apart than a third of the idle timeout does the server need
+    // its own keep-alive (each ping costs a packet each way on every session).
+    let tick = Duration::from_millis(u64::from(args.tick_ms));
+    if tick * 3 > args.idle_timeout {
+        t.keep_alive_interval(Some((args.idle_timeout / 3).max(Duration::from_secs(1))));
+    }
+    // One packet per session per tick gains nothing from GSO batching, and a connection keeps
+    // its transmit buffer at the largest batch it ever sent (~10 packets): send one at a time.
+    t.enable_segmentation_offload(false);
     t.datagram_send_buffer_size(args.datagram_send_buffer);
     t.datagram_receive_buffer_size(Some(args.datagram_recv_buffer));
     // Clients need the CONNECT stream and the three HTTP/3 control streams; nothing else.

@@ -241,6 +241,8 @@ async fn run_inner(
     let snapshot = shared.latest.borrow().clone();
     buf.extend_from_slice(&snapshot.frames);
     write(&mut stream, &buf, limit).await?;
+    // The initial state can be large; later events are small. Keep no big buffer per session.
+    buf = Vec::new();
 
     loop {
         tokio::select! {
