@@ -174,6 +174,9 @@ pub struct SwarmReport {
     pub duration_seconds: f64,
     /// Ticks the server sent during the window (seen by at least one session).
     pub ticks: usize,
+    /// Ticks the window should hold at the server's nominal tick rate (from its Hello); more
+    /// than `ticks` when the server could not keep its rate. Delivery counts against these.
+    pub ticks_expected: u64,
     /// Datagram parts per tick (the largest seen).
     pub parts_per_tick: u16,
     /// Parts received / (parts sent × sessions connected), over the window.
@@ -236,7 +239,7 @@ impl SwarmReport {
             "transport          {:?}\n\
              sessions           {} connected of {} ({} failed, {} lost during the run)\n\
              connect time       {:.1} s\n\
-             window             {:.1} s, {} ticks × {} part(s)\n\
+             window             {:.1} s, {} of {} expected ticks × {} part(s)\n\
              delivery ratio     {:.5}\n\
              session-ticks      {} complete, {} partial, {} missed\n\
              latency ms         p50 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}\n\
@@ -250,6 +253,7 @@ impl SwarmReport {
             self.connect_seconds,
             self.duration_seconds,
             self.ticks,
+            self.ticks_expected,
             self.parts_per_tick,
             self.delivery_ratio,
             self.ticks_complete,
@@ -323,10 +327,19 @@ impl Record {
 struct Run {
     args: SwarmArgs,
     window: Window,
+    /// The server's nominal tick interval from its Hello, microseconds (0 until known).
+    tick_interval_us: AtomicU64,
     connected: AtomicUsize,
     failed: AtomicUsize,
     records: Mutex<Vec<Record>>,
     stop: tokio_util::sync::CancellationToken,
+}
+
+impl Run {
+    fn note_hello(&self, hello: &crate::proto::wire::Hello) {
+        self.tick_interval_us
+            .store(u64::from(hello.tick_interval_ms) * 1000, Ordering::Relaxed);
+    }
 }
 
 /// Runs the swarm and returns its report.
@@ -344,6 +357,7 @@ pub async fn run(args: SwarmArgs) -> Result<SwarmReport> {
     };
     let run = Arc::new(Run {
         window: Window::default(),
+        tick_interval_us: AtomicU64::new(0),
         connected: AtomicUsize::new(0),
         failed: AtomicUsize::new(0),
         records: Mutex::new(Vec::with_capacity(args.sessions)),
@@ -421,7 +435,15 @@ pub async fn run(args: SwarmArgs) -> Result<SwarmReport> {
     while tasks.join_next().await.is_some() {}
 
     let records = std::mem::take(&mut *run.records.lock().expect("records lock"));
-    let mut report = report(args, &records, connected, failed, connect_seconds);
+    let interval_us = run.tick_interval_us.load(Ordering::Relaxed);
+    let mut report = report(
+        args,
+        &records,
+        connected,
+        failed,
+        connect_seconds,
+        interval_us,
+    );
     report.position_age_ms = position_age(&records, start_us, end_us);
     if let (Some(before), Some(start), Some(end)) = (before, at_start, at_end) {
         let cpu = end.0 - start.0;
@@ -493,6 +515,7 @@ fn report(
     connected: usize,
     failed: usize,
     connect_seconds: f64,
+    tick_interval_us: u64,
 ) -> SwarmReport {
     // Ticks in the window and their part counts, from every session's view.
     let mut ticks: BTreeMap<u64, u16> = BTreeMap::new();
@@ -531,7 +554,18 @@ fn report(
         datagrams += r.parts.len() as u64;
         bytes += r.bytes;
     }
-    let expected: u64 = ticks.values().map(|&p| u64::from(p)).sum::<u64>() * connected as u64;
+    // A server too busy to keep its tick rate produces fewer ticks, and that is undelivered
+    // data too: expect one tick per nominal interval (or every tick seen, if more).
+    let nominal = (args.duration.as_micros() as u64)
+        .checked_div(tick_interval_us)
+        .unwrap_or(0);
+    let ticks_expected = nominal.max(ticks.len() as u64);
+    let never_sent = ticks_expected - ticks.len() as u64;
+    missed += never_sent * records.len() as u64;
+    let parts_per_tick = u64::from(ticks.values().copied().max().unwrap_or(1));
+    let expected: u64 = (ticks.values().map(|&p| u64::from(p)).sum::<u64>()
+        + never_sent * parts_per_tick)
+        * connected as u64;
     let h = hist.inner();
     let ms = |us: u64| us as f64 / 1000.0;
     SwarmReport {
@@ -543,6 +577,7 @@ fn report(
         sessions_lost: records.iter().filter(|r| r.lost).count(),
         duration_seconds: args.duration.as_secs_f64(),
         ticks: ticks.len(),
+        ticks_expected,
         parts_per_tick: ticks.values().copied().max().unwrap_or(0),
         delivery_ratio: if expected == 0 {
             0.0
@@ -621,6 +656,9 @@ async fn webtransport_session(
             event = session.next() => event,
         };
         match event {
+            Ok(Event::Message(StreamMessage::Hello(hello))) => {
+                run.note_hello(&hello);
+            }
             Ok(Event::Message(StreamMessage::State(_))) => {
                 // Connected once the initial state is in: release the connect slot.
                 if permit.take().is_some() {
@@ -672,6 +710,9 @@ async fn websocket_session(
             Some((&WS_CHANNEL_STREAM, rest)) => {
                 frames.push(rest);
                 while let Ok(Some(msg)) = frames.next_message() {
+                    if let StreamMessage::Hello(hello) = &msg {
+                        run.note_hello(hello);
+                    }
                     if matches!(msg, StreamMessage::State(_)) && permit.take().is_some() {
                         run.connected.fetch_add(1, Ordering::Relaxed);
                     }
