@@ -25,6 +25,85 @@ pub enum Trust {
     SystemRoots,
 }
 
+/// Where the server is and how to trust it: the options `watch` and `swarm` share.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConnectArgs {
+    /// Session URL.
+    #[arg(
+        long,
+        env = "FLEETCAST_URL",
+        default_value = "https://localhost:4433/positions"
+    )]
+    pub url: String,
+
+    /// Trust a self-signed certificate with this SHA-256 (hex). Overrides --cert-hash-url.
+    #[arg(long, env = "FLEETCAST_CERT_HASH")]
+    pub cert_hash: Option<String>,
+
+    /// Where to fetch the certificate hash; default `http://HOST:8080/certificate.sha256` for
+    /// the URL's host. A 404 there means a CA-issued certificate: the system roots are used.
+    #[arg(long, env = "FLEETCAST_CERT_HASH_URL")]
+    pub cert_hash_url: Option<String>,
+
+    /// Origin header to send (browsers always send one; native clients need not).
+    #[arg(long, env = "FLEETCAST_ORIGIN")]
+    pub origin: Option<String>,
+}
+
+impl ConnectArgs {
+    /// Options for `url` with every other field at its default.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            cert_hash: None,
+            cert_hash_url: None,
+            origin: None,
+        }
+    }
+
+    /// The certificate hash URL: the one given, else `http://HOST:8080/certificate.sha256`
+    /// for the session URL's host.
+    pub fn hash_url(&self) -> String {
+        if let Some(u) = &self.cert_hash_url {
+            return u.clone();
+        }
+        let host = authority(&self.url)
+            .map(|authority| match authority.rfind(':') {
+                // Strip the port, keeping IPv6 brackets.
+                Some(i) if !authority[i..].contains(']') => &authority[..i],
+                _ => authority,
+            })
+            .unwrap_or("localhost");
+        format!("http://{host}:8080/certificate.sha256")
+    }
+
+    /// `host:port` of the server's HTTP side (taken from the certificate hash URL).
+    pub fn http_authority(&self) -> String {
+        authority(&self.hash_url())
+            .unwrap_or("localhost:8080")
+            .to_string()
+    }
+
+    /// How to trust the server for one connection attempt: the given hash, else the hashes
+    /// the server publishes, else (404 there) the system roots.
+    pub async fn trust(&self) -> Result<Trust> {
+        if let Some(h) = &self.cert_hash {
+            return Ok(Trust::Hashes(vec![parse_hash(h)?]));
+        }
+        Ok(match fetch_cert_hashes(&self.hash_url()).await? {
+            Some(hashes) => Trust::Hashes(hashes),
+            None => Trust::SystemRoots,
+        })
+    }
+}
+
+/// The `host[:port]` part of a URL.
+fn authority(url: &str) -> Option<&str> {
+    url.split("://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+}
+
 /// Client endpoint settings.
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
@@ -272,5 +351,38 @@ async fn read_some(
     match stream {
         Some(s) => s.read(buf).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_url_follows_the_session_host() {
+        let h = |url: &str| ConnectArgs::new(url).hash_url();
+        assert_eq!(
+            h("https://localhost:4433/positions"),
+            "http://localhost:8080/certificate.sha256"
+        );
+        assert_eq!(
+            h("https://[::1]:4433/positions"),
+            "http://[::1]:8080/certificate.sha256"
+        );
+        assert_eq!(
+            h("https://fleet.example/positions"),
+            "http://fleet.example:8080/certificate.sha256"
+        );
+        let mut a = ConnectArgs::new("https://x:1/positions");
+        a.cert_hash_url = Some("http://127.0.0.1:9/certificate.sha256".into());
+        assert_eq!(a.http_authority(), "127.0.0.1:9");
+    }
+
+    #[test]
+    fn parse_hash_accepts_hex_with_or_without_colons() {
+        let hex = "ab".repeat(32);
+        let colons = vec!["AB"; 32].join(":");
+        assert_eq!(parse_hash(&hex).unwrap(), parse_hash(&colons).unwrap());
+        assert!(parse_hash("abcd").is_err());
     }
 }

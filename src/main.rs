@@ -76,11 +76,7 @@ async fn run(command: Command) -> Result<()> {
                 }
             });
             let report = watch::run(args, stop).await?;
-            if json {
-                println!("{}", serde_json::to_string(&report)?);
-            } else {
-                println!("{}", report.summary());
-            }
+            print_report(json, &report, || report.summary())?;
             if report.sessions == 0 {
                 anyhow::bail!("never connected");
             }
@@ -89,17 +85,27 @@ async fn run(command: Command) -> Result<()> {
         Command::Swarm(args) => {
             let json = args.json;
             let report = swarm::run(args).await?;
-            if json {
-                println!("{}", serde_json::to_string(&report)?);
-            } else {
-                println!("{}", report.summary());
-            }
+            print_report(json, &report, || report.summary())?;
             if report.sessions_connected == 0 {
                 anyhow::bail!("no session connected");
             }
             Ok(())
         }
     }
+}
+
+/// Prints a report on stdout: one JSON object, or the human summary.
+fn print_report<R: serde::Serialize>(
+    json: bool,
+    report: &R,
+    summary: impl FnOnce() -> String,
+) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(report)?);
+    } else {
+        println!("{}", summary());
+    }
+    Ok(())
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {

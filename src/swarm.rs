@@ -25,7 +25,7 @@ use tracing::{info, warn};
 use wtransport::endpoint::endpoint_side;
 use wtransport::Endpoint;
 
-use crate::client::{self, ClientOptions, Event, Trust};
+use crate::client::{self, ClientOptions, ConnectArgs, Event, Trust};
 use crate::proto::wire::{
     FrameDecoder, StreamMessage, TickHeader, WS_CHANNEL_DATAGRAM, WS_CHANNEL_STREAM,
 };
@@ -46,21 +46,9 @@ pub enum Transport {
 /// `fleetcast swarm` options.
 #[derive(Debug, Clone, Args)]
 pub struct SwarmArgs {
-    /// Session URL (WebTransport).
-    #[arg(
-        long,
-        env = "FLEETCAST_URL",
-        default_value = "https://localhost:4433/positions"
-    )]
-    pub url: String,
-
-    /// Trust a self-signed certificate with this SHA-256 (hex). Overrides --cert-hash-url.
-    #[arg(long, env = "FLEETCAST_CERT_HASH")]
-    pub cert_hash: Option<String>,
-
-    /// Where to fetch the certificate hash; default `http://HOST:8080/certificate.sha256`.
-    #[arg(long, env = "FLEETCAST_CERT_HASH_URL")]
-    pub cert_hash_url: Option<String>,
+    /// Server and trust.
+    #[command(flatten)]
+    pub connect: ConnectArgs,
 
     /// WebSocket URL for `--transport websocket`; default `ws://HOST:PORT/positions.ws` on the
     /// host and port of the certificate hash URL.
@@ -111,25 +99,10 @@ pub struct SwarmArgs {
 }
 
 impl SwarmArgs {
-    fn hash_url(&self) -> String {
-        crate::watch::default_hash_url(&self.url, self.cert_hash_url.as_deref())
-    }
-
-    /// `host:port` of the server's HTTP side.
-    fn http_authority(&self) -> String {
-        let hash_url = self.hash_url();
-        hash_url
-            .split("://")
-            .nth(1)
-            .and_then(|rest| rest.split('/').next())
-            .unwrap_or("localhost:8080")
-            .to_string()
-    }
-
     fn ws_url(&self) -> String {
         match &self.ws_url {
             Some(u) => u.clone(),
-            None => format!("ws://{}/positions.ws", self.http_authority()),
+            None => format!("ws://{}/positions.ws", self.connect.http_authority()),
         }
     }
 
@@ -137,7 +110,7 @@ impl SwarmArgs {
         match self.metrics_url.as_deref() {
             Some("none") => None,
             Some(u) => Some(u.to_string()),
-            None => Some(format!("http://{}/metrics", self.http_authority())),
+            None => Some(format!("http://{}/metrics", self.connect.http_authority())),
         }
     }
 }
@@ -347,13 +320,10 @@ pub async fn run(args: SwarmArgs) -> Result<SwarmReport> {
     if args.sessions == 0 {
         bail!("--sessions must be at least 1");
     }
-    let trust = match &args.cert_hash {
-        Some(h) => Trust::Hashes(vec![client::parse_hash(h)?]),
-        None if args.transport == Transport::Websocket => Trust::SystemRoots,
-        None => match client::fetch_cert_hashes(&args.hash_url()).await? {
-            Some(hashes) => Trust::Hashes(hashes),
-            None => Trust::SystemRoots,
-        },
+    let trust = match args.transport {
+        // The WebSocket fallback is plain ws:// (or TLS through a proxy's own certificate).
+        Transport::Websocket => Trust::SystemRoots,
+        Transport::Webtransport => args.connect.trust().await?,
     };
     let run = Arc::new(Run {
         window: Window::default(),
@@ -643,9 +613,13 @@ async fn webtransport_session(
     permit: tokio::sync::OwnedSemaphorePermit,
     record: &mut Record,
 ) -> Result<(), SessionError> {
-    let mut session = client::open(endpoint, &run.args.url, None)
-        .await
-        .map_err(SessionError::Connect)?;
+    let mut session = client::open(
+        endpoint,
+        &run.args.connect.url,
+        run.args.connect.origin.as_deref(),
+    )
+    .await
+    .map_err(SessionError::Connect)?;
     let mut permit = Some(permit);
     loop {
         let event = tokio::select! {

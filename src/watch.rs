@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::client::{self, ClientOptions, Event, Trust};
+use crate::client::{self, ClientOptions, ConnectArgs, Event};
 use crate::proto::view::{FleetView, TickCounts};
 use crate::proto::wire::TickPart;
 use crate::server::config::parse_duration;
@@ -20,26 +20,9 @@ use crate::server::now_us;
 /// `fleetcast watch` options.
 #[derive(Debug, Clone, Args)]
 pub struct WatchArgs {
-    /// Session URL.
-    #[arg(
-        long,
-        env = "FLEETCAST_URL",
-        default_value = "https://localhost:4433/positions"
-    )]
-    pub url: String,
-
-    /// Trust a self-signed certificate with this SHA-256 (hex). Overrides --cert-hash-url.
-    #[arg(long, env = "FLEETCAST_CERT_HASH")]
-    pub cert_hash: Option<String>,
-
-    /// Where to fetch the certificate hash; default `http://HOST:8080/certificate.sha256` for
-    /// the URL's host. A 404 there means a CA-issued certificate: the system roots are used.
-    #[arg(long, env = "FLEETCAST_CERT_HASH_URL")]
-    pub cert_hash_url: Option<String>,
-
-    /// Origin header to send (browsers always send one; native clients need not).
-    #[arg(long, env = "FLEETCAST_ORIGIN")]
-    pub origin: Option<String>,
+    /// Server and trust.
+    #[command(flatten)]
+    pub connect: ConnectArgs,
 
     /// Stop after this long (e.g. 5s, 2m); default: run until Ctrl-C.
     #[arg(long, value_parser = parse_duration)]
@@ -52,31 +35,6 @@ pub struct WatchArgs {
     /// Longest wait between reconnection attempts.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub max_backoff: Duration,
-}
-
-impl WatchArgs {
-    /// The certificate hash URL to use when none was given.
-    pub fn hash_url(&self) -> String {
-        default_hash_url(&self.url, self.cert_hash_url.as_deref())
-    }
-}
-
-/// `explicit` if given, else `http://HOST:8080/certificate.sha256` for the session URL's host.
-pub fn default_hash_url(session_url: &str, explicit: Option<&str>) -> String {
-    if let Some(u) = explicit {
-        return u.to_string();
-    }
-    let host = session_url
-        .split("://")
-        .nth(1)
-        .and_then(|rest| rest.split('/').next())
-        .map(|authority| match authority.rfind(':') {
-            // Strip the port, keeping IPv6 brackets.
-            Some(i) if !authority[i..].contains(']') => &authority[..i],
-            _ => authority,
-        })
-        .unwrap_or("localhost");
-    format!("http://{host}:8080/certificate.sha256")
 }
 
 /// Latency percentiles, milliseconds.
@@ -196,17 +154,6 @@ impl LatencyHistogram {
     }
 }
 
-/// Resolves how to trust the server for one connection attempt.
-async fn trust(args: &WatchArgs) -> Result<Trust> {
-    if let Some(h) = &args.cert_hash {
-        return Ok(Trust::Hashes(vec![client::parse_hash(h)?]));
-    }
-    Ok(match client::fetch_cert_hashes(&args.hash_url()).await? {
-        Some(hashes) => Trust::Hashes(hashes),
-        None => Trust::SystemRoots,
-    })
-}
-
 /// Follows the fleet until `--duration` passes or `stop` is cancelled; returns the report.
 pub async fn run(args: WatchArgs, stop: CancellationToken) -> Result<Report> {
     let deadline = args.duration.map(|d| Instant::now() + d);
@@ -224,9 +171,10 @@ pub async fn run(args: WatchArgs, stop: CancellationToken) -> Result<Report> {
     let mut session_no = 0u64;
     loop {
         let attempt = async {
-            let trust = trust(&args).await?;
+            let trust = args.connect.trust().await?;
             let endpoint = client::endpoint(&ClientOptions::new(trust))?;
-            let session = client::open(&endpoint, &args.url, args.origin.as_deref()).await?;
+            let session =
+                client::open(&endpoint, &args.connect.url, args.connect.origin.as_deref()).await?;
             Ok::<_, anyhow::Error>((endpoint, session))
         };
         let opened = tokio::select! {
@@ -239,7 +187,7 @@ pub async fn run(args: WatchArgs, stop: CancellationToken) -> Result<Report> {
             Ok((_endpoint, mut session)) => {
                 session_no += 1;
                 report.sessions += 1;
-                info!("session {session_no} open at {}", args.url);
+                info!("session {session_no} open at {}", args.connect.url);
                 let mut view = FleetView::new();
                 let mut last_status = Instant::now();
                 let ended = loop {
@@ -314,33 +262,4 @@ pub async fn run(args: WatchArgs, stop: CancellationToken) -> Result<Report> {
     }
     report.latency_ms = hist.latency();
     Ok(report)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use clap::Parser;
-
-    #[derive(Parser)]
-    struct W {
-        #[command(flatten)]
-        a: WatchArgs,
-    }
-
-    #[test]
-    fn hash_url_follows_the_session_host() {
-        let w = |url: &str| W::parse_from(["x", "--url", url]).a.hash_url();
-        assert_eq!(
-            w("https://localhost:4433/positions"),
-            "http://localhost:8080/certificate.sha256"
-        );
-        assert_eq!(
-            w("https://[::1]:4433/positions"),
-            "http://[::1]:8080/certificate.sha256"
-        );
-        assert_eq!(
-            w("https://fleet.example/positions"),
-            "http://fleet.example:8080/certificate.sha256"
-        );
-    }
 }

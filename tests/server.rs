@@ -341,10 +341,10 @@ async fn watch_reconnects_after_a_restart_on_the_same_ports() {
     args.wt_listen = first.wt_addr;
     args.http_listen = first.http_addr;
     let watch_args = fleetcast::watch::WatchArgs {
-        url: common::url_for(first.wt_addr, "/positions"),
-        cert_hash: None,
-        cert_hash_url: Some(format!("http://{}/certificate.sha256", first.http_addr)),
-        origin: None,
+        connect: fleetcast::client::ConnectArgs {
+            cert_hash_url: Some(format!("http://{}/certificate.sha256", first.http_addr)),
+            ..fleetcast::client::ConnectArgs::new(common::url_for(first.wt_addr, "/positions"))
+        },
         duration: Some(Duration::from_secs(6)),
         json: true,
         max_backoff: Duration::from_millis(500),

@@ -5,13 +5,15 @@ mod common;
 use std::time::Duration;
 
 use common::TestServer;
+use fleetcast::client::ConnectArgs;
 use fleetcast::swarm::{self, SwarmArgs, Transport};
 
 fn args(ts: &TestServer, transport: Transport, sessions: usize) -> SwarmArgs {
     SwarmArgs {
-        url: common::url_for(ts.server.wt_addr, "/positions"),
-        cert_hash: ts.server.cert_hash.clone(),
-        cert_hash_url: None,
+        connect: ConnectArgs {
+            cert_hash: ts.server.cert_hash.clone(),
+            ..ConnectArgs::new(common::url_for(ts.server.wt_addr, "/positions"))
+        },
         ws_url: Some(format!("ws://{}/positions.ws", ts.server.http_addr)),
         transport,
         sessions,

@@ -3,7 +3,8 @@
 //! Layout:
 //! - [`config`]: every option of `fleetcast serve`.
 //! - `net`: the UDP socket with large buffers and the QUIC transport limits.
-//! - `feed`: the tick loop: advances the simulator, encodes each tick once, fans it out.
+//! - `feed`: the tick loop (on its own thread): advances the simulator, encodes each tick
+//!   once, fans it out.
 //! - `session`: one task per WebTransport session: initial state, roster events, close codes.
 //! - `http`: certificate hash, health, road network, page config and the web demo over HTTP.
 //! - `ws`: the WebSocket fallback on the HTTP port: the same frames and datagram payloads.
@@ -175,7 +176,21 @@ impl Server {
 
         let token = CancellationToken::new();
         let tracker = TaskTracker::new();
-        tracker.spawn(feed::run(shared.clone(), sim, latest_tx, token.clone()));
+        // The tick loop gets a thread and runtime of its own, so no amount of session work
+        // (handshakes, WebSocket writes, ACK processing) can delay a tick.
+        let tick_thread = std::thread::Builder::new()
+            .name("fleetcast-tick".into())
+            .spawn({
+                let (shared, token) = (shared.clone(), token.clone());
+                move || match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime.block_on(feed::run(shared, sim, latest_tx, token)),
+                    Err(e) => tracing::error!("cannot start the tick loop's runtime: {e}"),
+                }
+            })
+            .context("starting the tick thread")?;
         let http = tokio::spawn(http::serve(
             http_listener,
             shared.clone(),
@@ -201,6 +216,8 @@ impl Server {
                 endpoint.close(CloseCode::GoingAway.code().into(), b"server shutting down");
                 let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
                 let _ = http.await;
+                // The token is cancelled, so the tick loop is returning.
+                let _ = tokio::task::spawn_blocking(move || tick_thread.join()).await;
                 info!("shutdown complete");
             }
         });
