@@ -87,10 +87,11 @@ for prefix, label, marker in [("wt", "WebTransport", "o"), ("ws", "WebSocket", "
         ax2.plot(xs, cpu_us, marker=marker, label=label)
 for ax in (ax1, ax2):
     ax.set_xscale("log")
-    ax.set_xlabel("sessions (1 Hz, 100 cars)")
+    ax.set_xlabel("sessions connected (1 Hz, 100 cars)")
     ax.grid(True, alpha=0.3)
     ax.legend()
-ax1.set_ylabel("tick-to-receipt latency, ms")
+ax1.set_yscale("log")
+ax1.set_ylabel("tick-to-receipt latency, ms (log)")
 ax1.set_title("Latency")
 ax2.set_ylabel("server CPU µs per delivered datagram")
 ax2.set_title("Server CPU")

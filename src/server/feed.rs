@@ -118,9 +118,10 @@ pub(crate) async fn run(
         )));
         // After `latest`, so a WebSocket session that read the snapshot of this tick never
         // waits for it on the tick channel and never counts it as missed.
-        publish_websocket_tick(&shared, tick, time_us, &cars);
+        let mut encoder = TickEncoder::new(tick, time_us, &cars);
+        publish_websocket_tick(&shared, &mut encoder);
         let started = std::time::Instant::now();
-        let sent = fan_out(&shared, tick, time_us, &cars).await;
+        let sent = fan_out(&shared, &mut encoder).await;
         shared.stats.fanout_seconds.observe(started.elapsed());
         Stats::inc(&shared.stats.ticks);
         trace!(tick, sent, elapsed = ?started.elapsed(), "tick fanned out");
@@ -131,13 +132,81 @@ pub(crate) async fn run(
 /// One tick's datagrams for one session header and payload budget.
 type Encoded = Arc<Vec<Bytes>>;
 
-/// Publishes the tick for the WebSocket sessions, encoded once with the WebSocket channel byte.
+/// A session's datagram header and payload budget: sessions that share both share an encoding.
+type EncodingKey = (Arc<[u8]>, usize);
+
+/// Encodes one tick at most once per payload budget, and frames each encoding at most once per
+/// header (WebTransport quarter stream id, WebSocket channel byte). Nearly every session of a
+/// tick gets the very same `Bytes`.
+struct TickEncoder<'a> {
+    tick: u64,
+    time_us: u64,
+    cars: &'a [CarSample],
+    packed: HashMap<usize, Option<Arc<Vec<Vec<u8>>>>>,
+    framed: HashMap<EncodingKey, Option<Encoded>>,
+}
+
+impl<'a> TickEncoder<'a> {
+    fn new(tick: u64, time_us: u64, cars: &'a [CarSample]) -> Self {
+        Self {
+            tick,
+            time_us,
+            cars,
+            packed: HashMap::new(),
+            framed: HashMap::new(),
+        }
+    }
+
+    /// The tick's datagrams under `budget`, each prefixed with `header`; `None` if the tick
+    /// cannot be packed into that budget (logged once).
+    fn framed(&mut self, header: &Arc<[u8]>, budget: usize) -> Option<Encoded> {
+        let key = (header.clone(), budget);
+        if let Some(done) = self.framed.get(&key) {
+            return done.clone();
+        }
+        let (tick, time_us, cars) = (self.tick, self.time_us, self.cars);
+        let parts = self
+            .packed
+            .entry(budget)
+            .or_insert_with(|| match pack_tick(tick, time_us, cars, budget) {
+                Ok(parts) => Some(Arc::new(parts)),
+                Err(e) => {
+                    warn!(tick, budget, "cannot encode tick: {e}");
+                    None
+                }
+            })
+            .clone();
+        let framed = parts.map(|parts| {
+            Arc::new(
+                parts
+                    .iter()
+                    .map(|p| {
+                        let mut b = BytesMut::with_capacity(header.len() + p.len());
+                        b.put_slice(header);
+                        b.put_slice(p);
+                        b.freeze()
+                    })
+                    .collect(),
+            )
+        });
+        self.framed.insert(key, framed.clone());
+        framed
+    }
+
+    /// Distinct payload budgets encoded so far.
+    fn budgets(&self) -> usize {
+        self.packed.len()
+    }
+}
+
+/// Publishes the tick for the WebSocket sessions, framed with the WebSocket channel byte.
 ///
 /// A `watch` channel holds only the newest value: a WebSocket task that is still sending an
 /// older tick skips straight to this one, and the tick loop never waits for any of them.
-fn publish_websocket_tick(shared: &Shared, tick: u64, time_us: u64, cars: &[CarSample]) {
+fn publish_websocket_tick(shared: &Shared, encoder: &mut TickEncoder) {
     let budget = shared.args.datagram_budget as usize;
-    if let Some(messages) = encode(tick, time_us, cars, &[super::ws::CHANNEL_DATAGRAM], budget) {
+    let header: Arc<[u8]> = Arc::new([super::ws::CHANNEL_DATAGRAM]);
+    if let Some(messages) = encoder.framed(&header, budget) {
         // Without the channel byte, this is the tick's encoded size on every transport.
         let payload: usize = messages.iter().map(|m| m.len() - 1).sum();
         let stats = &shared.stats;
@@ -147,44 +216,15 @@ fn publish_websocket_tick(shared: &Shared, tick: u64, time_us: u64, cars: &[CarS
         stats
             .snapshot_datagrams
             .store(messages.len() as u64, Ordering::Relaxed);
-        shared
-            .ticks
-            .send_replace(Arc::new(EncodedTick { tick, messages }));
+        shared.ticks.send_replace(Arc::new(EncodedTick {
+            tick: encoder.tick,
+            messages,
+        }));
     }
 }
-
-/// Encodes this tick's datagrams for one header and budget.
-fn encode(
-    tick: u64,
-    time_us: u64,
-    cars: &[CarSample],
-    header: &[u8],
-    budget: usize,
-) -> Option<Encoded> {
-    match pack_tick(tick, time_us, cars, budget) {
-        Ok(parts) => Some(Arc::new(
-            parts
-                .into_iter()
-                .map(|p| {
-                    let mut b = BytesMut::with_capacity(header.len() + p.len());
-                    b.put_slice(header);
-                    b.put_slice(&p);
-                    b.freeze()
-                })
-                .collect(),
-        )),
-        Err(e) => {
-            warn!(tick, budget, "cannot encode tick: {e}");
-            None
-        }
-    }
-}
-
-/// A session's datagram header and payload budget: sessions that share both share an encoding.
-type EncodingKey = (Arc<[u8]>, usize);
 
 /// Sends the tick to every registered session; returns the number of datagrams queued.
-async fn fan_out(shared: &Shared, tick: u64, time_us: u64, cars: &[CarSample]) -> u64 {
+async fn fan_out(shared: &Shared, encoder: &mut TickEncoder<'_>) -> u64 {
     let members: Vec<Member> = shared
         .members
         .lock()
@@ -193,8 +233,6 @@ async fn fan_out(shared: &Shared, tick: u64, time_us: u64, cars: &[CarSample]) -
         .cloned()
         .collect();
     let budget = shared.args.datagram_budget as usize;
-    // Encodings by (session header, payload budget): nearly every session shares one.
-    let mut encodings: HashMap<EncodingKey, Option<Encoded>> = HashMap::new();
     let stats = &shared.stats;
     let (mut sent, mut bytes) = (0u64, 0u64);
     for (i, member) in members.iter().enumerate() {
@@ -206,13 +244,11 @@ async fn fan_out(shared: &Shared, tick: u64, time_us: u64, cars: &[CarSample]) -
         };
         let room = max.saturating_sub(member.header.len());
         let this_budget = budget.min(room);
-        let key = (member.header.clone(), this_budget);
-        let datagrams = encodings.entry(key).or_insert_with(|| {
-            if this_budget < budget {
-                Stats::inc(&stats.reencoded_ticks);
-            }
-            encode(tick, time_us, cars, &member.header, this_budget)
-        });
+        let budgets = encoder.budgets();
+        let datagrams = encoder.framed(&member.header, this_budget);
+        if encoder.budgets() > budgets && this_budget < budget {
+            Stats::inc(&stats.reencoded_ticks);
+        }
         let Some(datagrams) = datagrams else { continue };
         for d in datagrams.iter() {
             match member.conn.send_datagram(d.clone()) {
@@ -230,4 +266,51 @@ async fn fan_out(shared: &Shared, tick: u64, time_us: u64, cars: &[CarSample]) -
     stats.datagrams_sent.fetch_add(sent, Ordering::Relaxed);
     stats.bytes_sent.fetch_add(bytes, Ordering::Relaxed);
     sent
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::wire::TickPart;
+
+    fn cars(n: u32) -> Vec<CarSample> {
+        (0..n)
+            .map(|id| CarSample {
+                id,
+                x: id as u16,
+                ..Default::default()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn tick_encoder_shares_bytes_and_packs_once_per_budget() {
+        let cars = cars(300);
+        let mut enc = TickEncoder::new(9, 1_000, &cars);
+        let wt: Arc<[u8]> = Arc::new([0u8]);
+        let ws: Arc<[u8]> = Arc::new([1u8]);
+        let a = enc.framed(&wt, 1100).unwrap();
+        let b = enc.framed(&wt, 1100).unwrap();
+        assert!(
+            Arc::ptr_eq(&a, &b),
+            "same header and budget: the same bytes"
+        );
+        let c = enc.framed(&ws, 1100).unwrap();
+        assert_eq!(enc.budgets(), 1, "a second header reuses the packing");
+        assert_eq!(a.len(), c.len());
+        for (x, y) in a.iter().zip(c.iter()) {
+            assert_eq!(x[1..], y[1..], "only the header differs");
+        }
+        let small = enc.framed(&wt, 300).unwrap();
+        assert_eq!(enc.budgets(), 2);
+        assert!(small.len() > a.len());
+        for d in small.iter() {
+            assert!(d.len() <= 301);
+            assert_eq!(TickPart::decode(&d[1..]).unwrap().tick, 9);
+        }
+        assert!(
+            enc.framed(&wt, 10).is_none(),
+            "a budget below one car is refused"
+        );
+    }
 }
