@@ -411,4 +411,12 @@ async fn metrics_expose_sessions_datagrams_fanout_and_process() {
     assert!(value("process_resident_memory_bytes") > 1e6);
     assert!(value("process_cpu_seconds_total") > 0.0);
     assert!(text.contains("# TYPE fleetcast_tick_fanout_seconds histogram"));
+    assert_eq!(
+        value("fleetcast_sessions_refused_total{transport=\"websocket\",reason=\"full\"}"),
+        0.0
+    );
+    assert_eq!(
+        value("fleetcast_sessions_closed_total{transport=\"webtransport\",reason=\"going_away\"}"),
+        0.0
+    );
 }

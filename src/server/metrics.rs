@@ -16,6 +16,15 @@ impl Out {
         let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
     }
 
+    /// A counter family with one sample per (transport, reason).
+    fn by_transport_and_reason(&mut self, name: &str, help: &str, rows: &[(&str, &str, u64)]) {
+        self.family(name, "counter", help);
+        for (transport, reason, value) in rows {
+            let labels = format!("transport=\"{transport}\",reason=\"{reason}\"");
+            self.sample(name, &labels, value);
+        }
+    }
+
     fn sample(&mut self, name: &str, labels: &str, value: impl std::fmt::Display) {
         if labels.is_empty() {
             let _ = writeln!(self.0, "{name} {value}");
@@ -59,48 +68,39 @@ pub(crate) fn render(shared: &Shared) -> String {
         get(&s.ws_sessions_accepted),
     );
 
-    o.family(
+    o.by_transport_and_reason(
         "fleetcast_sessions_refused_total",
-        "counter",
         "Session attempts refused, by transport and reason.",
+        &[
+            ("webtransport", "not_found", get(&s.refused_not_found)),
+            ("webtransport", "forbidden", get(&s.refused_forbidden)),
+            ("webtransport", "full", get(&s.refused_full)),
+            ("webtransport", "handshakes_busy", get(&s.refused_busy)),
+            ("webtransport", "handshake_failed", get(&s.handshake_failed)),
+            ("websocket", "forbidden", get(&s.ws_refused_forbidden)),
+            ("websocket", "full", get(&s.ws_refused_full)),
+        ],
     );
-    for (transport, reason, value) in [
-        ("webtransport", "not_found", get(&s.refused_not_found)),
-        ("webtransport", "forbidden", get(&s.refused_forbidden)),
-        ("webtransport", "full", get(&s.refused_full)),
-        ("webtransport", "handshakes_busy", get(&s.refused_busy)),
-        ("webtransport", "handshake_failed", get(&s.handshake_failed)),
-        ("websocket", "forbidden", get(&s.ws_refused_forbidden)),
-        ("websocket", "full", get(&s.ws_refused_full)),
-    ] {
-        let labels = format!("transport=\"{transport}\",reason=\"{reason}\"");
-        o.sample("fleetcast_sessions_refused_total", &labels, value);
-    }
-
-    o.family(
+    o.by_transport_and_reason(
         "fleetcast_sessions_closed_total",
-        "counter",
         "Sessions the server closed, by transport and reason.",
+        &[
+            (
+                "webtransport",
+                "protocol_violation",
+                get(&s.closed_protocol_violation),
+            ),
+            ("webtransport", "slow_consumer", get(&s.closed_slow)),
+            ("webtransport", "going_away", get(&s.closed_going_away)),
+            (
+                "websocket",
+                "protocol_violation",
+                get(&s.ws_closed_protocol_violation),
+            ),
+            ("websocket", "slow_consumer", get(&s.ws_closed_slow)),
+            ("websocket", "going_away", get(&s.ws_closed_going_away)),
+        ],
     );
-    for (transport, reason, value) in [
-        (
-            "webtransport",
-            "protocol_violation",
-            get(&s.closed_protocol_violation),
-        ),
-        ("webtransport", "slow_consumer", get(&s.closed_slow)),
-        ("webtransport", "going_away", get(&s.closed_going_away)),
-        (
-            "websocket",
-            "protocol_violation",
-            get(&s.ws_closed_protocol_violation),
-        ),
-        ("websocket", "slow_consumer", get(&s.ws_closed_slow)),
-        ("websocket", "going_away", get(&s.ws_closed_going_away)),
-    ] {
-        let labels = format!("transport=\"{transport}\",reason=\"{reason}\"");
-        o.sample("fleetcast_sessions_closed_total", &labels, value);
-    }
 
     o.family(
         "fleetcast_datagrams_sent_total",

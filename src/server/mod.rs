@@ -105,6 +105,19 @@ impl Shared {
             server: concat!("fleetcast/", env!("CARGO_PKG_VERSION")).to_string(),
         })
     }
+
+    /// What a new session receives first, on either transport: the Hello, then the newest
+    /// snapshot's Roster and State frames. Also returns that snapshot's tick.
+    pub(crate) fn initial_frames(&self) -> (Vec<u8>, u64) {
+        let snapshot = self.latest.borrow().clone();
+        let mut frames = Vec::with_capacity(64 + snapshot.frames.len());
+        // Invariant: a Hello holds numbers and a short string, never a car list: it encodes.
+        self.hello()
+            .encode_frame(&mut frames)
+            .expect("hello encodes");
+        frames.extend_from_slice(&snapshot.frames);
+        (frames, snapshot.tick)
+    }
 }
 
 /// A running server.

@@ -232,17 +232,11 @@ async fn run_inner(
         );
     let _registration = Registration(shared, id);
 
-    let mut buf = Vec::with_capacity(4096);
-    // Invariant: a Hello holds no car list, so it always encodes.
-    shared
-        .hello()
-        .encode_frame(&mut buf)
-        .expect("hello encodes");
-    let snapshot = shared.latest.borrow().clone();
-    buf.extend_from_slice(&snapshot.frames);
-    write(&mut stream, &buf, limit).await?;
+    let (initial, _) = shared.initial_frames();
+    write(&mut stream, &initial, limit).await?;
     // The initial state can be large; later events are small. Keep no big buffer per session.
-    buf = Vec::new();
+    drop(initial);
+    let mut buf = Vec::new();
 
     loop {
         tokio::select! {

@@ -189,16 +189,11 @@ async fn run(socket: WebSocket, shared: &Shared, token: &CancellationToken) -> W
         let mut ticks = shared.ticks.subscribe();
         let mut last_tick = ticks.borrow_and_update().tick;
 
-        let mut frames = Vec::with_capacity(4096);
-        // Invariant: the hello holds plain numbers and a short string; it always encodes.
-        shared
-            .hello()
-            .encode_frame(&mut frames)
-            .expect("hello encodes");
-        let snapshot = shared.latest.borrow().clone();
-        frames.extend_from_slice(&snapshot.frames);
-        last_tick = last_tick.max(snapshot.tick);
-        send_all(&mut sink, &[stream_message(&frames)], limit).await?;
+        let (initial, snapshot_tick) = shared.initial_frames();
+        last_tick = last_tick.max(snapshot_tick);
+        send_all(&mut sink, &[stream_message(&initial)], limit).await?;
+        drop(initial);
+        let mut frames = Vec::new();
 
         loop {
             tokio::select! {
