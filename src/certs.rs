@@ -222,6 +222,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn ca_issued_files_load_without_a_published_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key, not_after) = generate(&names(), SystemTime::now()).unwrap();
+        let (cert_path, key_path) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        fs::write(&cert_path, cert).unwrap();
+        fs::write(&key_path, key).unwrap();
+        let id = from_files(&cert_path, &key_path).await.unwrap();
+        assert_eq!(
+            id.hash_hex, None,
+            "clients verify a CA certificate by its chain"
+        );
+        assert_eq!(id.not_after, not_after);
+        assert!(from_files(&key_path, &cert_path).await.is_err());
+        assert!(from_files(&dir.path().join("missing.pem"), &key_path)
+            .await
+            .is_err());
+    }
+
+    #[tokio::test]
     async fn self_signed_validity_and_key_mode_follow_browser_rules() {
         let dir = tempfile::tempdir().unwrap();
         let now = SystemTime::now();
