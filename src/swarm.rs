@@ -464,17 +464,21 @@ fn position_age(records: &[Record], start_us: u64, end_us: u64) -> SwarmLatency 
             t += STEP_US;
         }
     }
-    let l = hist.latency();
+    percentiles(&hist)
+}
+
+/// p50, p99, p99.9 and max of a histogram of microseconds, in milliseconds (zeros if empty).
+fn percentiles(hist: &LatencyHistogram) -> SwarmLatency {
     let h = hist.inner();
+    if h.is_empty() {
+        return SwarmLatency::default();
+    }
+    let ms = |us: u64| us as f64 / 1000.0;
     SwarmLatency {
-        p50: l.p50,
-        p99: l.p99,
-        p999: if h.is_empty() {
-            0.0
-        } else {
-            h.value_at_quantile(0.999) as f64 / 1000.0
-        },
-        max: l.max,
+        p50: ms(h.value_at_quantile(0.5)),
+        p99: ms(h.value_at_quantile(0.99)),
+        p999: ms(h.value_at_quantile(0.999)),
+        max: ms(h.max()),
     }
 }
 
@@ -536,8 +540,6 @@ fn report(
     let expected: u64 = (ticks.values().map(|&p| u64::from(p)).sum::<u64>()
         + never_sent * parts_per_tick)
         * connected as u64;
-    let h = hist.inner();
-    let ms = |us: u64| us as f64 / 1000.0;
     SwarmReport {
         transport: args.transport,
         sessions_requested: args.sessions,
@@ -561,16 +563,7 @@ fn report(
         bytes,
         position_age_ms: SwarmLatency::default(),
         server: None,
-        latency_ms: if h.is_empty() {
-            SwarmLatency::default()
-        } else {
-            SwarmLatency {
-                p50: ms(h.value_at_quantile(0.5)),
-                p99: ms(h.value_at_quantile(0.99)),
-                p999: ms(h.value_at_quantile(0.999)),
-                max: ms(h.max()),
-            }
-        },
+        latency_ms: percentiles(&hist),
     }
 }
 

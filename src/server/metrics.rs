@@ -16,6 +16,20 @@ impl Out {
         let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
     }
 
+    /// A family with one sample per transport.
+    fn by_transport(
+        &mut self,
+        name: &str,
+        kind: &str,
+        help: &str,
+        webtransport: u64,
+        websocket: u64,
+    ) {
+        self.family(name, kind, help);
+        self.sample(name, "transport=\"webtransport\"", webtransport);
+        self.sample(name, "transport=\"websocket\"", websocket);
+    }
+
     /// A counter family with one sample per (transport, reason).
     fn by_transport_and_reason(&mut self, name: &str, help: &str, rows: &[(&str, &str, u64)]) {
         self.family(name, "counter", help);
@@ -40,31 +54,18 @@ pub(crate) fn render(shared: &Shared) -> String {
     let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
     let mut o = Out(String::with_capacity(4096));
 
-    o.family("fleetcast_sessions", "gauge", "Open sessions by transport.");
-    o.sample(
+    o.by_transport(
         "fleetcast_sessions",
-        "transport=\"webtransport\"",
+        "gauge",
+        "Open sessions by transport.",
         get(&s.open_webtransport),
-    );
-    o.sample(
-        "fleetcast_sessions",
-        "transport=\"websocket\"",
         get(&s.open_websocket),
     );
-
-    o.family(
+    o.by_transport(
         "fleetcast_sessions_accepted_total",
         "counter",
         "Sessions accepted by transport.",
-    );
-    o.sample(
-        "fleetcast_sessions_accepted_total",
-        "transport=\"webtransport\"",
         get(&s.sessions_accepted),
-    );
-    o.sample(
-        "fleetcast_sessions_accepted_total",
-        "transport=\"websocket\"",
         get(&s.ws_sessions_accepted),
     );
 
@@ -102,34 +103,18 @@ pub(crate) fn render(shared: &Shared) -> String {
         ],
     );
 
-    o.family(
+    o.by_transport(
         "fleetcast_datagrams_sent_total",
         "counter",
         "Tick datagrams handed to the transport (WebSocket: datagram-channel messages).",
-    );
-    o.sample(
-        "fleetcast_datagrams_sent_total",
-        "transport=\"webtransport\"",
         get(&s.datagrams_sent),
-    );
-    o.sample(
-        "fleetcast_datagrams_sent_total",
-        "transport=\"websocket\"",
         get(&s.ws_datagrams_sent),
     );
-    o.family(
+    o.by_transport(
         "fleetcast_bytes_sent_total",
         "counter",
         "Bytes of those datagrams.",
-    );
-    o.sample(
-        "fleetcast_bytes_sent_total",
-        "transport=\"webtransport\"",
         get(&s.bytes_sent),
-    );
-    o.sample(
-        "fleetcast_bytes_sent_total",
-        "transport=\"websocket\"",
         get(&s.ws_bytes_sent),
     );
 
