@@ -7,6 +7,7 @@
 //! Layout:
 //! - [`proto`]: the pure protocol core (wire format, quantisation, packing, apply logic).
 //! - [`sim`]: the built-in simulated fleet (pure, stepped by the caller).
+//! - [`fleet`]: the fleet state, where position sources meet the tick loop (pure).
 //! - [`certs`]: self-signed or CA-issued TLS identities.
 //! - [`server`]: `fleetcast serve`, the async shell around the core.
 //! - [`client`]: the native WebTransport client used by `watch`, the tests and load tools.
@@ -16,6 +17,7 @@
 
 pub mod certs;
 pub mod client;
+pub mod fleet;
 pub mod proto;
 pub mod server;
 pub mod sim;

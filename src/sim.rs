@@ -138,16 +138,17 @@ impl Simulator {
 
     /// Retires the longest-serving car and puts a new one on the road.
     ///
-    /// Returns the retired id and the new car's id and label.
-    pub fn churn(&mut self) -> (u32, (u32, String)) {
-        let next_id = self.cars.iter().map(|c| c.id).max().map_or(0, |m| m + 1);
+    /// Returns the retired car's label and the new car's label (labels are unique, so they
+    /// serve as the cars' ids in the fleet state), or `None` when there are no cars.
+    pub fn churn(&mut self) -> Option<(String, String)> {
+        let next_id = self.cars.iter().map(|c| c.id).max()? + 1;
         let mut car = self.cars.remove(0);
-        let gone = car.id;
+        let gone = std::mem::take(&mut car.label);
         car.id = next_id;
         car.label = format!("FC-{:04}", next_id + 1);
-        let joined = (car.id, car.label.clone());
+        let joined = car.label.clone();
         self.cars.push(car);
-        (gone, joined)
+        Some((gone, joined))
     }
 
     /// The road network, each road once.
@@ -215,32 +216,36 @@ impl Simulator {
         (car.from, car.to, car.limit_mps) = (from, to, limit);
     }
 
+    /// Every car's label (its id in the fleet state) and current motion.
+    pub fn labelled_motions(&self) -> Vec<(&str, Motion)> {
+        self.cars
+            .iter()
+            .map(|car| (car.label.as_str(), self.motion(car)))
+            .collect()
+    }
+
     /// Every car's current motion, by id.
     pub fn motions(&self) -> Vec<(u32, Motion)> {
         self.cars
             .iter()
-            .map(|car| {
-                let a = self.nodes[car.from].pos;
-                let b = self.nodes[car.to].pos;
-                let len = dist(a, b);
-                let t = if len > 0.0 { car.along_m / len } else { 0.0 };
-                let east = a[0] + (b[0] - a[0]) * t;
-                let north = a[1] + (b[1] - a[1]) * t;
-                let heading = (b[0] - a[0])
-                    .atan2(b[1] - a[1])
-                    .to_degrees()
-                    .rem_euclid(360.0);
-                (
-                    car.id,
-                    Motion {
-                        east_m: east,
-                        north_m: north,
-                        heading_deg: heading,
-                        speed_mps: car.speed_mps,
-                    },
-                )
-            })
+            .map(|car| (car.id, self.motion(car)))
             .collect()
+    }
+
+    fn motion(&self, car: &Car) -> Motion {
+        let a = self.nodes[car.from].pos;
+        let b = self.nodes[car.to].pos;
+        let len = dist(a, b);
+        let t = if len > 0.0 { car.along_m / len } else { 0.0 };
+        Motion {
+            east_m: a[0] + (b[0] - a[0]) * t,
+            north_m: a[1] + (b[1] - a[1]) * t,
+            heading_deg: (b[0] - a[0])
+                .atan2(b[1] - a[1])
+                .to_degrees()
+                .rem_euclid(360.0),
+            speed_mps: car.speed_mps,
+        }
     }
 }
 
@@ -290,10 +295,15 @@ mod tests {
     #[test]
     fn sim_churn_replaces_the_oldest_car_with_a_new_id() {
         let mut sim = Simulator::new(&SimConfig::default());
-        let (gone, (id, label)) = sim.churn();
-        assert_eq!((gone, id, label.as_str()), (0, 100, "FC-0101"));
+        let (gone, joined) = sim.churn().unwrap();
+        assert_eq!((gone.as_str(), joined.as_str()), ("FC-0001", "FC-0101"));
         let ids: Vec<u32> = sim.roster().iter().map(|(id, _)| *id).collect();
         assert!(!ids.contains(&0) && ids.contains(&100));
         assert_eq!(ids.len(), 100);
+        let mut empty = Simulator::new(&SimConfig {
+            cars: 0,
+            ..SimConfig::default()
+        });
+        assert_eq!(empty.churn(), None, "no car to retire");
     }
 }

@@ -300,7 +300,7 @@ async fn shutdown_says_goodbye_and_closes_with_going_away() {
 
 #[tokio::test]
 async fn roster_churn_arrives_on_the_stream_and_the_view_follows() {
-    let ts = TestServer::start(|a| a.churn_ticks = 3).await;
+    let ts = TestServer::start(|a| a.sim.churn_ticks = 3).await;
     let (_ep, mut session) = ts.open().await;
     let mut view = initial_state(&mut session).await;
     let mut added = 0;
@@ -409,7 +409,7 @@ async fn metrics_expose_sessions_datagrams_fanout_and_process() {
     assert!(value("fleetcast_snapshot_bytes") > 700.0);
     assert_eq!(value("fleetcast_snapshot_datagrams"), 1.0);
     assert!(value("process_resident_memory_bytes") > 1e6);
-    assert!(value("process_cpu_seconds_total") > 0.0);
+    assert!(value("process_cpu_seconds_total") > 0.0, "{text}");
     assert!(text.contains("# TYPE fleetcast_tick_fanout_seconds histogram"));
     assert_eq!(
         value("fleetcast_sessions_refused_total{transport=\"websocket\",reason=\"full\"}"),

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use clap::Args;
 
+use crate::fleet::Area;
+
 /// Parses durations such as `500ms`, `10s`, `2m`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -59,49 +61,29 @@ pub struct ServeArgs {
     #[arg(long, env = "FLEETCAST_HTTP_LISTEN", default_value = "[::]:8080")]
     pub http_listen: SocketAddr,
 
-    /// Number of simulated cars.
-    #[arg(long, env = "FLEETCAST_CARS", default_value_t = 100)]
-    pub cars: u32,
-
     /// Time between ticks, milliseconds.
     #[arg(long, env = "FLEETCAST_TICK_MS", default_value_t = 1000,
           value_parser = clap::value_parser!(u32).range(10..=60_000))]
     pub tick_ms: u32,
 
-    /// Latitude of the simulated area's south-west corner, degrees.
+    /// Where cars come from: `sim` (the built-in simulator), `ingest` (publishers over HTTP and
+    /// WebSocket, see `--publish-token`), or both: `sim,ingest`.
     #[arg(
         long,
-        env = "FLEETCAST_ORIGIN_LAT",
-        default_value_t = 52.35,
-        allow_negative_numbers = true
+        env = "FLEETCAST_FEED",
+        value_delimiter = ',',
+        default_value = "sim"
     )]
-    pub origin_lat: f64,
+    pub feed: Vec<Feed>,
 
-    /// Longitude of the simulated area's south-west corner, degrees.
-    #[arg(
-        long,
-        env = "FLEETCAST_ORIGIN_LON",
-        default_value_t = 4.86,
-        allow_negative_numbers = true
-    )]
-    pub origin_lon: f64,
+    #[command(flatten)]
+    pub area: AreaArgs,
 
-    /// Side of the simulated square area, metres (at most 6.5 km keeps 10 cm resolution).
-    #[arg(long, env = "FLEETCAST_AREA_M", default_value_t = 4000.0)]
-    pub area_m: f64,
+    #[command(flatten)]
+    pub sim: SimArgs,
 
-    /// Distance between parallel streets in the simulated grid, metres.
-    #[arg(long, env = "FLEETCAST_BLOCK_M", default_value_t = 400.0)]
-    pub block_m: f64,
-
-    /// Seed of the simulator.
-    #[arg(long, env = "FLEETCAST_SEED", default_value_t = 1)]
-    pub seed: u64,
-
-    /// Every this many ticks one car leaves the fleet and a new one joins (0: never). Exercises
-    /// the reliable roster events.
-    #[arg(long, env = "FLEETCAST_CHURN_TICKS", default_value_t = 0)]
-    pub churn_ticks: u64,
+    #[command(flatten)]
+    pub ingest: IngestArgs,
 
     /// Largest datagram payload the server encodes a tick into, bytes. Below QUIC's guaranteed
     /// minimum so one encoding fits every session; smaller sessions get their own encoding.
@@ -183,6 +165,37 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
+    /// Checks option combinations that each option alone cannot; returns the served area and
+    /// the publisher tokens.
+    pub fn check(&self) -> Result<(Area, Vec<Secret>), String> {
+        let area = self.area.area()?;
+        let tokens = self.ingest.tokens()?;
+        if self.feed.is_empty() {
+            return Err("--feed needs sim, ingest or both".into());
+        }
+        let ingest = self.feed.contains(&Feed::Ingest);
+        if ingest && tokens.is_empty() {
+            return Err("--feed ingest needs at least one --publish-token (or \
+                        FLEETCAST_PUBLISH_TOKEN, or --publish-token-file)"
+                .into());
+        }
+        if !ingest && !tokens.is_empty() {
+            return Err("--publish-token is given but --feed has no ingest".into());
+        }
+        if self.feed.contains(&Feed::Sim) {
+            if self.sim.cars > self.ingest.max_cars {
+                return Err(format!(
+                    "--cars {} exceeds --max-cars {}",
+                    self.sim.cars, self.ingest.max_cars
+                ));
+            }
+            if self.sim.churn_ticks > 0 && self.sim.cars == 0 {
+                return Err("--churn-ticks needs at least one simulated car (--cars)".into());
+            }
+        }
+        Ok((area, tokens))
+    }
+
     /// Names the self-signed certificate must cover.
     pub fn cert_names(&self) -> Vec<String> {
         let mut names: Vec<String> = ["localhost", "127.0.0.1", "::1"]
@@ -210,6 +223,216 @@ impl ServeArgs {
         args.http_listen = "127.0.0.1:0".parse().expect("literal address");
         args.cert_dir = cert_dir;
         args
+    }
+}
+
+/// Which sources fill the fleet state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Feed {
+    /// The built-in simulator drives `--cars` cars on a grid of streets.
+    Sim,
+    /// Publishers send real positions to `/v1/positions` and `/v1/publish.ws`.
+    Ingest,
+}
+
+/// The served area: a square from an origin, or a bounding box. Shared by `serve` and `sim`.
+#[derive(Debug, Clone, Args)]
+pub struct AreaArgs {
+    /// Latitude of the served area's south-west corner, degrees.
+    #[arg(
+        long,
+        env = "FLEETCAST_ORIGIN_LAT",
+        default_value_t = 52.35,
+        allow_negative_numbers = true
+    )]
+    pub origin_lat: f64,
+
+    /// Longitude of the served area's south-west corner, degrees.
+    #[arg(
+        long,
+        env = "FLEETCAST_ORIGIN_LON",
+        default_value_t = 4.86,
+        allow_negative_numbers = true
+    )]
+    pub origin_lon: f64,
+
+    /// Side of the square served area, metres. Position steps are side / 65535, rounded up to
+    /// whole centimetres (4 km: 7 cm).
+    #[arg(long, env = "FLEETCAST_AREA_M", default_value_t = 4000.0)]
+    pub area_m: f64,
+
+    /// The served area as `south,west,north,east` degrees, instead of --origin-lat,
+    /// --origin-lon and --area-m. Fixes outside it are rejected.
+    #[arg(long, env = "FLEETCAST_BBOX", value_parser = parse_bbox, allow_hyphen_values = true,
+          conflicts_with_all = ["origin_lat", "origin_lon", "area_m"])]
+    pub bbox: Option<Bbox>,
+}
+
+/// A bounding box, degrees.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Bbox {
+    /// Southern edge.
+    pub south: f64,
+    /// Western edge.
+    pub west: f64,
+    /// Northern edge.
+    pub north: f64,
+    /// Eastern edge.
+    pub east: f64,
+}
+
+/// Parses `south,west,north,east`.
+pub fn parse_bbox(s: &str) -> Result<Bbox, String> {
+    let parts: Vec<f64> = s
+        .split(',')
+        .map(|p| p.trim().parse::<f64>())
+        .collect::<Result<_, _>>()
+        .map_err(|_| format!("'{s}' is not south,west,north,east in degrees"))?;
+    let [south, west, north, east] = parts[..] else {
+        return Err(format!("'{s}' needs four numbers: south,west,north,east"));
+    };
+    let bbox = Bbox {
+        south,
+        west,
+        north,
+        east,
+    };
+    Area::bbox(south, west, north, east)?;
+    Ok(bbox)
+}
+
+impl AreaArgs {
+    /// The area these options describe.
+    pub fn area(&self) -> Result<Area, String> {
+        match self.bbox {
+            Some(b) => Area::bbox(b.south, b.west, b.north, b.east),
+            None => Area::square(self.origin_lat, self.origin_lon, self.area_m),
+        }
+    }
+}
+
+/// The built-in simulator. Shared by `serve --feed sim` and `fleetcast sim`.
+#[derive(Debug, Clone, Args)]
+pub struct SimArgs {
+    /// Number of simulated cars.
+    #[arg(long, env = "FLEETCAST_CARS", default_value_t = 100)]
+    pub cars: u32,
+
+    /// Distance between parallel streets in the simulated grid, metres.
+    #[arg(long, env = "FLEETCAST_BLOCK_M", default_value_t = 400.0)]
+    pub block_m: f64,
+
+    /// Seed of the simulator.
+    #[arg(long, env = "FLEETCAST_SEED", default_value_t = 1)]
+    pub seed: u64,
+
+    /// Every this many ticks one car leaves the fleet and a new one joins (0: never). Exercises
+    /// the reliable roster events.
+    #[arg(long, env = "FLEETCAST_CHURN_TICKS", default_value_t = 0)]
+    pub churn_ticks: u64,
+}
+
+impl SimArgs {
+    /// The simulator's configuration over a square of `side_m` metres.
+    pub fn config(&self, side_m: f64) -> crate::sim::SimConfig {
+        crate::sim::SimConfig {
+            cars: self.cars,
+            area_m: side_m,
+            block_m: self.block_m,
+            seed: self.seed,
+        }
+    }
+}
+
+/// A secret (a token): compared in constant time, never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret.
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+
+    /// The secret itself, for the few places that must use it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if s.len() < 16 {
+            return Err("a token must be at least 16 characters".into());
+        }
+        if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err("a token must not contain spaces or control characters".into());
+        }
+        Ok(Secret(s.to_string()))
+    }
+}
+
+/// Position ingest: publishers, their tokens and limits.
+#[derive(Debug, Clone, Args)]
+pub struct IngestArgs {
+    /// A token publishers send as `Authorization: Bearer TOKEN` (repeatable; at least 16
+    /// characters). Each token has its own rate limit.
+    #[arg(long, env = "FLEETCAST_PUBLISH_TOKEN", value_delimiter = ',')]
+    pub publish_token: Vec<Secret>,
+
+    /// A file of publisher tokens, one per line (blank lines and `#` comments skipped).
+    #[arg(long, env = "FLEETCAST_PUBLISH_TOKEN_FILE")]
+    pub publish_token_file: Option<PathBuf>,
+
+    /// Largest ingest request body (or streaming message), bytes; larger ones get 413.
+    #[arg(long, env = "FLEETCAST_MAX_INGEST_BODY", default_value = "1MiB",
+          value_parser = parse_bytes)]
+    pub max_ingest_body: usize,
+
+    /// Ingest requests (or streaming batches) per second per token; more get 429 with
+    /// Retry-After. Bursts of up to one second's worth pass.
+    #[arg(long, env = "FLEETCAST_INGEST_RATE", default_value_t = 200,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub ingest_rate: u32,
+
+    /// A publisher's car that reports nothing for this long leaves the fleet.
+    #[arg(long, env = "FLEETCAST_CAR_TIMEOUT", default_value = "5m",
+          value_parser = parse_duration)]
+    pub car_timeout: Duration,
+
+    /// Most cars in the fleet; fixes for new cars beyond it are rejected.
+    #[arg(long, env = "FLEETCAST_MAX_CARS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_cars: u32,
+}
+
+impl IngestArgs {
+    /// Every publisher token: the options' and the token file's.
+    pub fn tokens(&self) -> Result<Vec<Secret>, String> {
+        let mut tokens = self.publish_token.clone();
+        if let Some(path) = &self.publish_token_file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("reading {}: {e}", path.display()))?;
+            for (n, line) in text.lines().enumerate() {
+                let line = line.trim();
+                if line.is_empty() || line.starts_with('#') {
+                    continue;
+                }
+                let token = line
+                    .parse::<Secret>()
+                    .map_err(|e| format!("{} line {}: {e}", path.display(), n + 1))?;
+                tokens.push(token);
+            }
+        }
+        Ok(tokens)
     }
 }
 

@@ -1,4 +1,7 @@
-//! The tick loop: advance the feed, encode the tick once, hand the same bytes to every session.
+//! The tick loop: read the fleet state, encode the tick once, hand the same bytes to every session.
+//!
+//! The loop never knows where cars come from: the simulator ([`SimSource`]) and the publishers
+//! (`ingest`) both write into the [`FleetState`]; each tick reads it once.
 //!
 //! Sending never waits: quinn queues each datagram in the session's bounded datagram buffer and
 //! drops the oldest when it is full, so a slow or dead session costs one failed enqueue and can
@@ -15,45 +18,70 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, trace, warn};
 
 use super::{now_us, EncodedTick, Member, Shared, Snapshot, Stats};
+use crate::fleet::{Fix, FleetState, Source};
 use crate::proto::pack::pack_tick;
-use crate::proto::quant::{age_step, heading_step, Quantisation};
 use crate::proto::wire::{CarInfo, CarList, CarSample, State, StreamMessage};
-use crate::sim::Simulator;
+use crate::sim::{Road, Simulator};
 
 /// Sessions served between cooperative yields of the fan-out loop.
 const YIELD_EVERY: usize = 512;
 
-/// Quantises the simulator's cars (fixes are taken at the tick, so their age is zero).
-fn samples(sim: &Simulator, quant: &Quantisation, fix_age_us: u64) -> Vec<CarSample> {
-    sim.motions()
-        .into_iter()
-        .map(|(id, m)| CarSample {
-            id,
-            x: quant.position_step(m.east_m),
-            y: quant.position_step(m.north_m),
-            heading: heading_step(m.heading_deg),
-            speed: quant.speed_step(m.speed_mps),
-            age: age_step(fix_age_us),
-        })
-        .collect()
+/// The simulator as a position source: writes every simulated car's motion as a fix taken now.
+pub(crate) struct SimSource {
+    sim: Simulator,
+    churn_ticks: u64,
 }
 
-fn roster(sim: &Simulator) -> Arc<Vec<CarInfo>> {
-    Arc::new(
-        sim.roster()
-            .into_iter()
-            .map(|(id, label)| CarInfo { id, label })
-            .collect(),
-    )
-}
+impl SimSource {
+    pub(crate) fn new(sim: Simulator, churn_ticks: u64) -> Self {
+        Self { sim, churn_ticks }
+    }
 
-/// The state before the first tick (tick 0).
-pub(crate) fn initial_snapshot(sim: &Simulator, quant: &Quantisation, time_us: u64) -> Snapshot {
-    snapshot(0, time_us, &roster(sim), Arc::new(samples(sim, quant, 0)))
+    /// The simulator's road network.
+    pub(crate) fn roads(&self) -> Vec<Road> {
+        self.sim.roads()
+    }
+
+    /// Writes the simulator's cars into the fleet state (at start, before the first tick).
+    pub(crate) fn write(&self, fleet: &mut FleetState, now_us: u64) {
+        let quant = fleet.area().quant;
+        for (label, m) in self.sim.labelled_motions() {
+            let (lat, lon) = quant.to_lat_lon(m.east_m, m.north_m);
+            let fix = Fix {
+                id: label.to_string(),
+                lat,
+                lon,
+                heading_deg: Some(m.heading_deg),
+                speed_mps: Some(m.speed_mps),
+                time_us: Some(now_us),
+                label: None,
+            };
+            if let Err(e) = fleet.apply(fix, Source::Simulator, now_us) {
+                // Only a full fleet can refuse a simulated car (roads stay inside the area).
+                warn!("simulated car {label} not applied: {e}");
+            }
+        }
+    }
+
+    /// Advances the simulation by one tick and writes it into the fleet state.
+    fn step(&mut self, tick: u64, dt: Duration, fleet: &mut FleetState, now_us: u64) {
+        self.sim.step(dt.as_secs_f64());
+        if self.churn_ticks > 0 && tick.is_multiple_of(self.churn_ticks) {
+            if let Some((gone, _joined)) = self.sim.churn() {
+                fleet.remove(&gone);
+            }
+        }
+        self.write(fleet, now_us);
+    }
 }
 
 /// A snapshot with its initial-state frames encoded once for every session that opens.
-fn snapshot(tick: u64, time_us: u64, roster: &[CarInfo], cars: Arc<Vec<CarSample>>) -> Snapshot {
+pub(crate) fn snapshot(
+    tick: u64,
+    time_us: u64,
+    roster: &[CarInfo],
+    cars: Arc<Vec<CarSample>>,
+) -> Snapshot {
     let mut frames = Vec::with_capacity(64 + roster.len() * 16 + cars.len() * 8);
     let messages = [
         StreamMessage::Roster(roster.to_vec()),
@@ -77,7 +105,7 @@ fn snapshot(tick: u64, time_us: u64, roster: &[CarInfo], cars: Arc<Vec<CarSample
 /// Runs ticks until `token` is cancelled.
 pub(crate) async fn run(
     shared: Arc<Shared>,
-    mut sim: Simulator,
+    mut sim: Option<SimSource>,
     latest: watch::Sender<Arc<Snapshot>>,
     token: CancellationToken,
 ) {
@@ -85,38 +113,38 @@ pub(crate) async fn run(
     let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     // After a stall, carry on from now rather than bursting the missed ticks.
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let car_timeout_us = shared.args.ingest.car_timeout.as_micros() as u64;
     let mut tick: u64 = 0;
-    let mut roster_list = roster(&sim);
+    let mut roster_version = None;
+    let mut roster = Arc::new(Vec::new());
     loop {
         tokio::select! {
             _ = token.cancelled() => break,
             _ = interval.tick() => {}
         }
         tick += 1;
-        sim.step(period.as_secs_f64());
-        if shared.args.churn_ticks > 0 && tick.is_multiple_of(shared.args.churn_ticks) {
-            let (gone, joined) = sim.churn();
-            roster_list = roster(&sim);
-            // Nobody listening is fine: there are no sessions.
-            let _ = shared
-                .roster_events
-                .send(Arc::new(StreamMessage::CarsRemoved(vec![gone])));
-            let _ = shared
-                .roster_events
-                .send(Arc::new(StreamMessage::CarsAdded(vec![CarInfo {
-                    id: joined.0,
-                    label: joined.1,
-                }])));
-        }
         let time_us = now_us();
-        let cars = Arc::new(samples(&sim, &shared.quant, 0));
-        latest.send_replace(Arc::new(snapshot(
-            tick,
-            time_us,
-            &roster_list,
-            cars.clone(),
-        )));
-        // After `latest`, so a WebSocket session that read the snapshot of this tick never
+        let (events, cars) = {
+            let mut fleet = shared.fleet.lock().expect("fleet lock poisoned");
+            if let Some(sim) = &mut sim {
+                sim.step(tick, period, &mut fleet, time_us);
+            }
+            let expired = fleet.expire(time_us, car_timeout_us);
+            if expired > 0 {
+                Stats::add(&shared.stats.ingest_cars_expired, expired as u64);
+            }
+            if roster_version != Some(fleet.roster_version()) {
+                roster_version = Some(fleet.roster_version());
+                roster = Arc::new(fleet.roster());
+            }
+            (fleet.take_changes(), Arc::new(fleet.samples(time_us)))
+        };
+        shared.publish(
+            events,
+            snapshot(tick, time_us, &roster, cars.clone()),
+            &latest,
+        );
+        // After the snapshot, so a WebSocket session that read the snapshot of this tick never
         // waits for it on the tick channel and never counts it as missed.
         let mut encoder = TickEncoder::new(tick, time_us, &cars);
         publish_websocket_tick(&shared, &mut encoder);

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -17,6 +17,7 @@ use tower_http::services::ServeDir;
 use tower_http::set_header::SetResponseHeaderLayer;
 use tracing::warn;
 
+use super::ingest;
 use super::ws::{self, WsState, WEBSOCKET_PATH};
 use super::{Shared, SESSION_PATH};
 
@@ -37,6 +38,7 @@ pub(crate) async fn serve(
     }
     let websocket = Router::new()
         .route(WEBSOCKET_PATH, get(ws::upgrade))
+        .route(ingest::PUBLISH_WS_PATH, get(ingest::stream))
         .with_state(WsState {
             shared: shared.clone(),
             token: token.clone(),
@@ -48,6 +50,12 @@ pub(crate) async fn serve(
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/roads.json", get(roads))
+        .route(ingest::POSITIONS_PATH, post(ingest::post_positions))
+        .route(ingest::CARS_PATH, get(ingest::list_cars))
+        .route(
+            &format!("{}/{{id}}", ingest::CARS_PATH),
+            delete(ingest::delete_car),
+        )
         .fallback_service(ServeDir::new(web_root))
         // Short-lived certificates and live data: never cache.
         .layer(SetResponseHeaderLayer::if_not_present(
@@ -113,10 +121,12 @@ async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
 }
 
 async fn roads(State(shared): State<Arc<Shared>>) -> Response {
+    let area = &shared.area;
     Json(serde_json::json!({
-        "area_m": shared.args.area_m,
-        "origin_lat_deg": shared.quant.origin_lat_deg,
-        "origin_lon_deg": shared.quant.origin_lon_deg,
+        "area_m": area.side_m(),
+        "origin_lat_deg": area.quant.origin_lat_deg,
+        "origin_lon_deg": area.quant.origin_lon_deg,
+        "bounds": {"south": area.south, "west": area.west, "north": area.north, "east": area.east},
         "roads": shared.roads,
     }))
     .into_response()

@@ -177,6 +177,44 @@ pub(crate) fn render(shared: &Shared) -> String {
         get(&s.snapshot_datagrams),
     );
 
+    let name = "fleetcast_ingest_fixes_total";
+    o.family(
+        name,
+        "counter",
+        "Fixes from publishers, by result (accepted into the fleet, or rejected with a reason).",
+    );
+    o.sample(name, "result=\"accepted\"", get(&s.ingest_fixes_accepted));
+    o.sample(name, "result=\"rejected\"", get(&s.ingest_fixes_rejected));
+    let name = "fleetcast_ingest_batches_total";
+    o.family(
+        name,
+        "counter",
+        "Ingest requests and streaming batches, by outcome.",
+    );
+    for (outcome, value) in [
+        ("parsed", get(&s.ingest_batches)),
+        ("unauthorized", get(&s.ingest_refused_unauthorized)),
+        ("rate_limited", get(&s.ingest_refused_rate)),
+        ("malformed", get(&s.ingest_refused_malformed)),
+        ("too_large", get(&s.ingest_refused_too_large)),
+    ] {
+        o.sample(name, &format!("outcome=\"{outcome}\""), value);
+    }
+    o.family(
+        "fleetcast_ingest_streams_total",
+        "counter",
+        "Streaming publisher connections accepted.",
+    );
+    o.sample(
+        "fleetcast_ingest_streams_total",
+        "",
+        get(&s.ingest_streams_accepted),
+    );
+    let name = "fleetcast_cars_removed_total";
+    o.family(name, "counter", "Publishers' cars removed, by reason.");
+    o.sample(name, "reason=\"deleted\"", get(&s.ingest_cars_removed));
+    o.sample(name, "reason=\"timeout\"", get(&s.ingest_cars_expired));
+
     let name = "fleetcast_tick_fanout_seconds";
     o.family(
         name,

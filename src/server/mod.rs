@@ -3,8 +3,9 @@
 //! Layout:
 //! - [`config`]: every option of `fleetcast serve`.
 //! - `net`: the UDP socket with large buffers and the QUIC transport limits.
-//! - `feed`: the tick loop (on its own thread): advances the simulator, encodes each tick
-//!   once, fans it out.
+//! - `feed`: the tick loop (on its own thread): reads the fleet state (written by the
+//!   simulator and the publishers), encodes each tick once, fans it out.
+//! - `ingest`: position publishers: `POST /v1/positions`, `/v1/publish.ws`, `/v1/cars`.
 //! - `session`: one task per WebTransport session: initial state, roster events, close codes.
 //! - `http`: certificate hash, health, road network, page config and the web demo over HTTP.
 //! - `ws`: the WebSocket fallback on the HTTP port: the same frames and datagram payloads.
@@ -16,6 +17,7 @@
 pub mod config;
 mod feed;
 mod http;
+mod ingest;
 mod metrics;
 mod net;
 mod session;
@@ -40,12 +42,16 @@ pub use config::ServeArgs;
 pub use stats::Stats;
 
 use crate::certs;
-use crate::proto::quant::Quantisation;
+use crate::fleet::{Area, FleetState};
 use crate::proto::wire::{CarSample, CloseCode, Hello, StreamMessage, PROTOCOL_VERSION};
-use crate::sim::{Road, SimConfig, Simulator};
+use crate::sim::{Road, Simulator};
+use config::Feed;
 
 /// The session path; every other path gets 404.
 pub const SESSION_PATH: &str = "/positions";
+
+/// Roster events a session may fall behind before it gets the full roster and state instead.
+const ROSTER_EVENT_BACKLOG: usize = 64;
 
 /// The newest tick, as a new session needs it.
 #[derive(Debug, Clone)]
@@ -78,9 +84,17 @@ pub(crate) struct Member {
 /// State shared by the accept loop, the tick loop, the sessions and the HTTP side.
 pub(crate) struct Shared {
     pub args: ServeArgs,
-    pub quant: Quantisation,
+    /// The served area and its quantisation.
+    pub area: Area,
+    /// Every car's newest fix: written by the sources, read by the tick loop.
+    pub fleet: Mutex<FleetState>,
+    /// Publisher tokens, each with its own rate limit (empty: ingest is off).
+    pub publishers: Vec<ingest::Publisher>,
     pub latest: watch::Receiver<Arc<Snapshot>>,
     pub roster_events: broadcast::Sender<Arc<StreamMessage>>,
+    /// Orders publishing (roster events, then the snapshot) against subscribing (taking a
+    /// receiver for events and the snapshot), so no session can miss a roster change.
+    pub publish_order: Mutex<()>,
     pub members: Mutex<HashMap<u64, Member>>,
     pub stats: Stats,
     pub sessions: AtomicUsize,
@@ -101,22 +115,44 @@ impl Shared {
             version: PROTOCOL_VERSION,
             tick_interval_ms: self.args.tick_ms,
             server_time_us: now_us(),
-            quant: self.quant,
+            quant: self.area.quant,
             server: concat!("fleetcast/", env!("CARGO_PKG_VERSION")).to_string(),
         })
     }
 
-    /// What a new session receives first, on either transport: the Hello, then the newest
-    /// snapshot's Roster and State frames. Also returns that snapshot's tick.
-    pub(crate) fn initial_frames(&self) -> (Vec<u8>, u64) {
-        let snapshot = self.latest.borrow().clone();
+    /// What a new session receives first, on either transport: the Hello, then the
+    /// snapshot's Roster and State frames.
+    pub(crate) fn initial_frames(&self, snapshot: &Snapshot) -> Vec<u8> {
         let mut frames = Vec::with_capacity(64 + snapshot.frames.len());
         // Invariant: a Hello holds numbers and a short string, never a car list: it encodes.
         self.hello()
             .encode_frame(&mut frames)
             .expect("hello encodes");
         frames.extend_from_slice(&snapshot.frames);
-        (frames, snapshot.tick)
+        frames
+    }
+
+    /// A receiver for roster events and the snapshot they follow: every event the receiver
+    /// yields happened after that snapshot, and every change after it reaches the receiver.
+    pub(crate) fn subscribe(&self) -> (broadcast::Receiver<Arc<StreamMessage>>, Arc<Snapshot>) {
+        let _order = self.publish_order.lock().expect("publish lock poisoned");
+        (self.roster_events.subscribe(), self.latest.borrow().clone())
+    }
+
+    /// Sends a tick's roster events, then makes its snapshot the newest, as one step for
+    /// [`Shared::subscribe`].
+    pub(crate) fn publish(
+        &self,
+        events: Vec<StreamMessage>,
+        snapshot: Snapshot,
+        latest: &watch::Sender<Arc<Snapshot>>,
+    ) {
+        let _order = self.publish_order.lock().expect("publish lock poisoned");
+        for event in events {
+            // Nobody listening is fine: there are no sessions.
+            let _ = self.roster_events.send(Arc::new(event));
+        }
+        latest.send_replace(Arc::new(snapshot));
     }
 }
 
@@ -136,6 +172,9 @@ pub struct Server {
 impl Server {
     /// Starts every part of the server and returns once the sockets are bound.
     pub async fn start(args: ServeArgs) -> Result<Server> {
+        let (area, publishers) = args.check().map_err(anyhow::Error::msg)?;
+        let publishers = publishers.into_iter().map(ingest::Publisher::new).collect();
+        info!("served area: {area}");
         let now = SystemTime::now();
         let identity = match (&args.cert, &args.key) {
             (Some(cert), Some(key)) => certs::from_files(cert, key).await?,
@@ -158,30 +197,42 @@ impl Server {
             .with_context(|| format!("binding HTTP on {}", args.http_listen))?;
         let http_addr = http_listener.local_addr()?;
 
-        let sim_config = SimConfig {
-            cars: args.cars,
-            area_m: args.area_m,
-            block_m: args.block_m,
-            seed: args.seed,
-        };
-        let sim = Simulator::new(&sim_config);
-        let quant = Quantisation::for_area(args.origin_lat, args.origin_lon, args.area_m);
-        let first = feed::initial_snapshot(&sim, &quant, now_us());
+        let mut fleet = FleetState::new(area, args.ingest.max_cars as usize);
+        let sim = args.feed.contains(&Feed::Sim).then(|| {
+            let sim = Simulator::new(&args.sim.config(area.side_m()));
+            feed::SimSource::new(sim, args.sim.churn_ticks)
+        });
+        let roads = sim.as_ref().map(|s| s.roads()).unwrap_or_default();
+        let start_us = now_us();
+        if let Some(sim) = &sim {
+            sim.write(&mut fleet, start_us);
+        }
+        // The first snapshot holds the whole roster: its joins are not events.
+        fleet.take_changes();
+        let first = feed::snapshot(
+            0,
+            start_us,
+            &fleet.roster(),
+            Arc::new(fleet.samples(start_us)),
+        );
         let (latest_tx, latest_rx) = watch::channel(Arc::new(first));
-        let (roster_events, _) = broadcast::channel(64);
+        let (roster_events, _) = broadcast::channel(ROSTER_EVENT_BACKLOG);
 
         let allowed_origins = config::allowed_origins(&args.allow_origin, http_addr.port());
         let shared = Arc::new(Shared {
-            quant,
+            area,
+            fleet: Mutex::new(fleet),
+            publishers,
             latest: latest_rx,
             roster_events,
+            publish_order: Mutex::new(()),
             members: Mutex::new(HashMap::new()),
             stats: Stats::default(),
             sessions: AtomicUsize::new(0),
             next_session: AtomicU64::new(1),
             allowed_origins,
             cert_hash: identity.hash_hex.clone(),
-            roads: sim.roads(),
+            roads,
             wt_port: wt_addr.port(),
             ticks: watch::Sender::new(Arc::new(EncodedTick::default())),
             args,

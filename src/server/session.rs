@@ -214,9 +214,8 @@ async fn run_inner(
         Ok(stream) => stream?,
         Err(_) => return Err(SessionEnd::Slow(limit)),
     };
-    // Subscribe and register before reading the snapshot, so no roster event and no tick can
-    // fall between the initial state and what follows it.
-    let mut events = shared.roster_events.subscribe();
+    // Register for datagrams, then take the snapshot with its event receiver, so no roster
+    // event and no tick can fall between the initial state and what follows it.
     let header: Arc<[u8]> = webtransport_datagram_header(conn.session_id().into_u64()).into();
     shared
         .members
@@ -232,7 +231,9 @@ async fn run_inner(
         );
     let _registration = Registration(shared, id);
 
-    let (initial, _) = shared.initial_frames();
+    let (mut events, snapshot) = shared.subscribe();
+    let initial = shared.initial_frames(&snapshot);
+    drop(snapshot);
     write(&mut stream, &initial, limit).await?;
     // The initial state can be large; later events are small. Keep no big buffer per session.
     drop(initial);
@@ -253,9 +254,11 @@ async fn run_inner(
                     }
                     Err(broadcast::error::RecvError::Lagged(n)) => {
                         // Resynchronise with the full roster and state instead of the missed
-                        // events; the client replaces what it held.
+                        // events; the client replaces what it held. A fresh receiver, so no
+                        // event older than that state follows it.
                         debug!(missed = n, "roster events lagged; resending full state");
-                        let snapshot = shared.latest.borrow().clone();
+                        let snapshot;
+                        (events, snapshot) = shared.subscribe();
                         buf.extend_from_slice(&snapshot.frames);
                     }
                     Err(broadcast::error::RecvError::Closed) => continue,

@@ -79,6 +79,26 @@ counters! {
     ws_bytes_sent,
     /// Ticks a lagging WebSocket session skipped to catch up with the newest.
     ws_ticks_skipped,
+    /// Ingest requests (`POST /v1/positions`) and streaming batches that were parsed.
+    ingest_batches,
+    /// Fixes accepted into the fleet state.
+    ingest_fixes_accepted,
+    /// Fixes rejected, each with its reason in the reply.
+    ingest_fixes_rejected,
+    /// Ingest requests refused with 401 (no or wrong token).
+    ingest_refused_unauthorized,
+    /// Ingest requests refused with 429 (the token's rate limit).
+    ingest_refused_rate,
+    /// Ingest requests or batches refused as malformed JSON (400).
+    ingest_refused_malformed,
+    /// Ingest requests or batches refused as larger than --max-ingest-body (413).
+    ingest_refused_too_large,
+    /// Streaming publisher connections accepted (`/v1/publish.ws`).
+    ingest_streams_accepted,
+    /// Cars removed with `DELETE /v1/cars/{id}`.
+    ingest_cars_removed,
+    /// Cars removed after --car-timeout without a fix.
+    ingest_cars_expired,
 }
 
 /// Upper bounds of the fan-out histogram's buckets, seconds.
@@ -146,6 +166,11 @@ impl Stats {
     /// Adds one to a counter.
     pub fn inc(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Adds `n` to a counter.
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
     }
 
     /// Reads one counter by name (tests and tools).

@@ -185,12 +185,12 @@ async fn run(socket: WebSocket, shared: &Shared, token: &CancellationToken) -> W
     let result = async {
         // Subscribe before reading the snapshot, so no roster event and no tick falls between
         // the initial state and what follows it.
-        let mut events = shared.roster_events.subscribe();
         let mut ticks = shared.ticks.subscribe();
         let mut last_tick = ticks.borrow_and_update().tick;
-
-        let (initial, snapshot_tick) = shared.initial_frames();
-        last_tick = last_tick.max(snapshot_tick);
+        let (mut events, snapshot) = shared.subscribe();
+        let initial = shared.initial_frames(&snapshot);
+        last_tick = last_tick.max(snapshot.tick);
+        drop(snapshot);
         send_all(&mut sink, &[stream_message(&initial)], limit).await?;
         drop(initial);
         let mut frames = Vec::new();
@@ -217,8 +217,10 @@ async fn run(socket: WebSocket, shared: &Shared, token: &CancellationToken) -> W
                         // Invariant: roster events hold ids and labels only; they always encode.
                         Ok(msg) => msg.encode_frame(&mut frames).expect("roster events encode"),
                         Err(broadcast::error::RecvError::Lagged(n)) => {
+                            // A fresh receiver, so no event older than this state follows it.
                             debug!(missed = n, "roster events lagged; resending full state");
-                            let snapshot = shared.latest.borrow().clone();
+                            let snapshot;
+                            (events, snapshot) = shared.subscribe();
                             frames.extend_from_slice(&snapshot.frames);
                         }
                         Err(broadcast::error::RecvError::Closed) => continue,

@@ -132,7 +132,7 @@ pub fn is_goodbye(msg: &StreamMessage) -> bool {
 /// Starts a server with `cars` cars and fast ticks; `tweak` adjusts the options.
 pub async fn start(cars: u32, tweak: impl FnOnce(&mut ServeArgs)) -> TestServer {
     TestServer::start(|args| {
-        args.cars = cars;
+        args.sim.cars = cars;
         tweak(args);
     })
     .await
