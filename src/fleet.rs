@@ -280,13 +280,10 @@ pub fn parse_time(text: &str) -> Result<u64, String> {
     u64::try_from(us).map_err(|_| format!("time {text:?} is before 1970"))
 }
 
-/// µs since the Unix epoch to RFC 3339 text in UTC, millisecond precision.
+/// µs since the Unix epoch to RFC 3339 text in UTC (as many fraction digits as needed).
 pub fn format_time(us: u64) -> String {
     let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1_000)
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    let t = t
-        .replace_nanosecond(t.nanosecond() / 1_000_000 * 1_000_000)
-        .unwrap_or(t);
     t.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|_| us.to_string())
 }
@@ -655,9 +652,11 @@ mod tests {
     }
 
     #[test]
-    fn time_parse_and_format_round_trip_to_the_millisecond() {
+    fn time_parse_and_format_round_trip_to_the_microsecond() {
         let us = parse_time("2026-11-29T14:00:00.123+01:00").unwrap();
         assert_eq!(format_time(us), "2026-11-29T13:00:00.123Z");
+        assert_eq!(format_time(us + 4), "2026-11-29T13:00:00.123004Z");
+        assert_eq!(parse_time(&format_time(us + 4)), Ok(us + 4));
         assert!(parse_time("1969-12-31T23:59:59Z").is_err());
     }
 
