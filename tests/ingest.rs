@@ -521,7 +521,7 @@ async fn a_relabelled_car_keeps_its_wire_id_and_shows_the_new_label() {
 
 #[tokio::test]
 async fn streaming_publisher_gets_one_reply_per_batch_in_order() {
-    let ts = ingest_server(|_| {}).await;
+    let ts = ingest_server(|a| a.ingest.max_ingest_body = 4096).await;
     let url = format!("ws://{}/v1/publish.ws", ts.server.http_addr);
 
     // Without a token the upgrade is refused with 401.
@@ -538,7 +538,7 @@ async fn streaming_publisher_gets_one_reply_per_batch_in_order() {
         .await
         .expect("token in the query");
     q.close(None).await.unwrap();
-    let mut request = url.into_client_request().unwrap();
+    let mut request = url.clone().into_client_request().unwrap();
     request
         .headers_mut()
         .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
@@ -611,7 +611,26 @@ async fn streaming_publisher_gets_one_reply_per_batch_in_order() {
     };
     assert_eq!(u16::from(close.expect("a close frame").code), 1003);
     assert_eq!(cars(&ts).await.len(), 4);
-    assert_eq!(ts.counter("ingest_streams_accepted"), 2);
+
+    // A message over --max-ingest-body ends that connection only.
+    let (mut big, _) = tokio_tungstenite::connect_async(format!("{url}?token={TOKEN}"))
+        .await
+        .unwrap();
+    let line = format!("{}\n", fix("huge"));
+    let _ = big.send(Message::Text(line.repeat(200).into())).await;
+    let end = loop {
+        match tokio::time::timeout(WAIT, big.next())
+            .await
+            .expect("closed")
+        {
+            Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => continue,
+            _ => break None,
+        }
+    };
+    assert_ne!(end, Some(1000), "not a normal close");
+    assert_eq!(cars(&ts).await.len(), 4, "nothing of it was applied");
+    assert_eq!(ts.counter("ingest_streams_accepted"), 3);
 }
 
 #[tokio::test]
