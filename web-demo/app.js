@@ -54,11 +54,27 @@ const fc = {
   selected: null,
   pinned: null,
 };
-/** Every car on the roster with its label and where it was last drawn (CSS pixels). */
+/**
+ * Every car on the roster: its label, where it was last drawn (CSS pixels) and, once a sample
+ * arrived, its position, heading, speed, the fix's age at its tick and that tick's time.
+ */
 fc.carList = () =>
   [...view.cars.values()].map((e) => {
     const s = sprites.get(e.id);
-    return { id: e.id, label: e.label, tick: e.tick, screen: s?.screen ?? null };
+    const car = { id: e.id, label: e.label, tick: e.tick, screen: s?.screen ?? null };
+    const q = view.hello?.quant;
+    if (q && e.sample) {
+      const { lat, lon } = toLatLon(q, e.sample.x * q.unit_m, e.sample.y * q.unit_m);
+      Object.assign(car, {
+        lat,
+        lon,
+        headingDeg: headingDeg(e.sample.heading),
+        speedMps: speedMps(q, e.sample.speed),
+        ageS: ageS(e.sample.age),
+        tickTimeMs: e.time_us / 1000,
+      });
+    }
+    return car;
   });
 window.fleetcast = fc;
 

@@ -27,7 +27,7 @@ const servers = new Set();
 let browser;
 
 /** Starts `fleetcast serve`; resolves once its log names both ports. */
-function startServer({ httpPort = 0, wtPort = 0 } = {}) {
+function startServer({ httpPort = 0, wtPort = 0, args = [] } = {}) {
   const certDir = mkdtempSync(join(tmpdir(), 'fleetcast-certs-'));
   tempDirs.push(certDir);
   const child = spawn(BIN, [
@@ -38,6 +38,7 @@ function startServer({ httpPort = 0, wtPort = 0 } = {}) {
     '--cert-dir', certDir,
     '--web-root', join(ROOT, 'web-demo'),
     '--shutdown-timeout', '2s',
+    ...args,
   ], { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, NO_COLOR: '1', RUST_LOG: 'info' } });
   servers.add(child);
   let log = '';
@@ -271,3 +272,66 @@ for (const transport of ['webtransport', 'websocket']) {
     }
   });
 }
+
+test('ingest: posted cars appear on the page at their positions with their fix age', async () => {
+  const token = 'browser-test-publisher-token';
+  const server = await startServer({ args: ['--feed', 'ingest', '--publish-token', token] });
+  const { context, page, console } = await newPage();
+  try {
+    // 100 real cars, their fixes taken 3 s ago, spread over the default area (52.35, 4.86, 4 km).
+    const M = 111320;
+    const cosLat = Math.cos((52.35 * Math.PI) / 180);
+    const fixMs = Date.now() - 3000;
+    const sent = new Map();
+    const fixes = [];
+    for (let i = 0; i < 100; i += 1) {
+      const east = 100 + 37.3 * i;
+      const north = 3900 - 29.1 * i;
+      const fix = {
+        id: `van-${i}`, lat: 52.35 + north / M, lon: 4.86 + east / (M * cosLat),
+        heading_deg: (i * 7) % 360, speed_mps: i * 0.25, time: new Date(fixMs).toISOString(),
+        label: `Van ${i}`,
+      };
+      sent.set(fix.label, fix);
+      fixes.push(fix);
+    }
+    const res = await fetch(`http://[::1]:${server.httpPort}/v1/positions`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' },
+      body: JSON.stringify(fixes),
+    });
+    assert.equal(res.status, 200);
+    assert.deepEqual(await res.json(), { accepted: 100, rejected: [] });
+
+    await page.goto(server.url);
+    // The cars may be in the initial state or join right after it (the post and the page race
+    // the next tick): wait for all 100 with a sample, whichever way they came.
+    await page.waitForFunction(() => {
+      const f = window.fleetcast;
+      return f && f.connected && f.transport === 'webtransport' && f.ticksReceived >= 2 &&
+        f.cars === 100 && f.carList().every((c) => c.lat !== undefined);
+    }, null, { timeout: WAIT_MS, polling: 100 });
+    const cars = await page.evaluate(() => window.fleetcast.carList());
+    assert.equal(cars.length, 100);
+    const unit = 0.07; // metres per step for a 4 km area
+    for (const c of cars) {
+      const f = sent.get(c.label);
+      assert.ok(f, `a posted car: ${c.label}`);
+      const dn = (c.lat - f.lat) * M;
+      const de = (c.lon - f.lon) * M * cosLat;
+      assert.ok(Math.abs(dn) <= unit / 2 + 1e-6 && Math.abs(de) <= unit / 2 + 1e-6,
+        `${c.label} is ${de.toFixed(3)} m east, ${dn.toFixed(3)} m north of where it was posted`);
+      assert.ok(Math.abs(c.headingDeg - f.heading_deg) <= 360 / 512 + 1e-9, `${c.label} heading`);
+      assert.ok(Math.abs(c.speedMps - f.speed_mps) <= 0.125 + 1e-9, `${c.label} speed`);
+      // The wire's age is the tick's time minus the fix's own time, in whole 100 ms steps.
+      const exact = (c.tickTimeMs - fixMs) / 1000;
+      assert.ok(c.ageS <= exact + 1e-9 && exact - c.ageS < 0.1 + 1e-6,
+        `${c.label}: age ${c.ageS} s for a fix ${exact} s before its tick`);
+      assert.ok(c.ageS >= 3, `${c.label}: the fix was 3 s old when posted`);
+    }
+    await page.screenshot({ path: join(ARTIFACTS, 'ingest.png') });
+  } finally {
+    await context.close();
+    await stopServer(server);
+  }
+});
