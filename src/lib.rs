@@ -8,6 +8,7 @@
 //! - [`proto`]: the pure protocol core (wire format, quantisation, packing, apply logic).
 //! - [`sim`]: the built-in simulated fleet (pure, stepped by the caller).
 //! - [`certs`]: self-signed or CA-issued TLS identities.
+//! - [`token`]: subscriber tokens (HS256 JWTs in the session URL), pure.
 //! - [`server`]: `fleetcast serve`, the async shell around the core.
 //! - [`client`]: the native WebTransport client used by `watch`, the tests and load tools.
 //! - [`watch`]: `fleetcast watch`, a client that reports what it receives.
@@ -20,5 +21,6 @@ pub mod proto;
 pub mod server;
 pub mod sim;
 pub mod swarm;
+pub mod token;
 pub mod udp;
 pub mod watch;
