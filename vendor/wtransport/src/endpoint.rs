@@ -28,6 +28,7 @@ use url::Url;
 use wtransport_proto::error::ErrorCode;
 use wtransport_proto::frame::FrameKind;
 use wtransport_proto::headers::Headers;
+use wtransport_proto::ids::StatusCode;
 use wtransport_proto::session::ReservedHeader;
 use wtransport_proto::session::SessionRequest as SessionRequestProto;
 use wtransport_proto::session::SessionResponse as SessionResponseProto;
@@ -338,7 +339,7 @@ impl Endpoint<endpoint_side::Client> {
         {
             Ok(()) => {}
             Err(ProtoWriteError::Stopped) => {
-                return Err(ConnectingError::SessionRejected);
+                return Err(ConnectingError::SessionRejected { status: None });
             }
             Err(ProtoWriteError::NotConnected) => {
                 return Err(ConnectingError::with_no_connection(&quic_connection));
@@ -399,7 +400,9 @@ impl Endpoint<endpoint_side::Client> {
                 }
             }
         } else {
-            return Err(ConnectingError::SessionRejected);
+            return Err(ConnectingError::SessionRejected {
+                status: Some(session_response.code().into_inner()),
+            });
         }
 
         Ok(Connection::new(quic_connection, driver, session_id))
@@ -738,6 +741,22 @@ impl SessionRequest {
     /// Rejects the client request by replying with `429` status code.
     pub async fn too_many_requests(self) {
         self.reject(SessionResponseProto::too_many_requests()).await;
+    }
+
+    /// Rejects the client request by replying with `status`, e.g. `401`.
+    ///
+    /// A status outside `400..=599` is sent as `500`: a rejection must never
+    /// look like success (or an interim response) to the client.
+    ///
+    /// (fleetcast patch; see `FLEETCAST-PATCH.md`.)
+    pub async fn reject_with_status(self, status: u16) {
+        let status = if (400..=599).contains(&status) {
+            status
+        } else {
+            500
+        };
+        let code = StatusCode::try_from(status).expect("400..=599 is a valid status code");
+        self.reject(SessionResponseProto::with_status_code(code)).await;
     }
 
     async fn accept_impl(

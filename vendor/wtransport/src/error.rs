@@ -89,8 +89,15 @@ pub enum ConnectingError {
     ConnectionError(ConnectionError),
 
     /// Request rejected.
-    #[error("server rejected WebTransport session request")]
-    SessionRejected,
+    ///
+    /// `status` is the HTTP status code of the server's answer (e.g. `401`,
+    /// `403`, `404`, `429`); `None` when the server stopped the request stream
+    /// without answering. (fleetcast patch; see `FLEETCAST-PATCH.md`.)
+    #[error("server rejected WebTransport session request{}", .status.map(|s| format!(" with status {s}")).unwrap_or_default())]
+    SessionRejected {
+        /// HTTP status code of the rejection, when the server sent one.
+        status: Option<u16>,
+    },
 
     /// Cannot use reserved key for additional headers.
     #[error("additional header '{0}' is reserved")]
