@@ -97,6 +97,14 @@ impl ConnectArgs {
     }
 }
 
+/// `url` with `token` (if any) as its `token` query parameter.
+pub fn with_token(url: &str, token: Option<&str>) -> String {
+    match token {
+        Some(token) => crate::token::add_to_url(url, token),
+        None => url.to_string(),
+    }
+}
+
 /// `url` without its query string, which may hold a token: for messages and logs.
 pub fn without_query(url: &str) -> &str {
     url.split_once('?').map_or(url, |(base, _)| base)

@@ -4,7 +4,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::Args;
+
+use crate::token::Secret;
 
 /// Parses durations such as `500ms`, `10s`, `2m`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -177,6 +180,18 @@ pub struct ServeArgs {
           value_parser = parse_bytes)]
     pub datagram_recv_buffer: usize,
 
+    /// Require a subscriber token (`?token=JWT`, HS256) signed with this secret (at least 32
+    /// bytes) on both transports; without one (and without --subscribe-secret-file) no token is
+    /// needed. Mint tokens with `fleetcast token`.
+    #[arg(long, env = "FLEETCAST_SUBSCRIBE_SECRET", hide_env_values = true,
+          value_parser = SecretParser)]
+    pub subscribe_secret: Option<Secret>,
+
+    /// Like --subscribe-secret, with the secret on the first line of this file (trimmed); wins
+    /// over --subscribe-secret.
+    #[arg(long, env = "FLEETCAST_SUBSCRIBE_SECRET_FILE")]
+    pub subscribe_secret_file: Option<PathBuf>,
+
     /// Directory of static files served over HTTP.
     #[arg(long, env = "FLEETCAST_WEB_ROOT", default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/web-demo"))]
     pub web_root: PathBuf,
@@ -197,6 +212,15 @@ impl ServeArgs {
         names
     }
 
+    /// Reads --subscribe-secret-file, if given, into `subscribe_secret`, so the rest of the
+    /// server finds the secret in one place.
+    pub fn resolve_subscribe_secret(mut self) -> anyhow::Result<Self> {
+        if let Some(path) = &self.subscribe_secret_file {
+            self.subscribe_secret = Some(read_secret_file(path)?);
+        }
+        Ok(self)
+    }
+
     /// Defaults for tests and embedding: ephemeral ports on loopback.
     pub fn ephemeral(cert_dir: PathBuf) -> Self {
         use clap::Parser;
@@ -211,6 +235,39 @@ impl ServeArgs {
         args.cert_dir = cert_dir;
         args
     }
+}
+
+/// Parses a secret option. Unlike clap's own parsers, its errors never quote the value: even a
+/// rejected secret must not reach a terminal or a log.
+#[derive(Debug, Clone, Copy)]
+pub struct SecretParser;
+
+impl clap::builder::TypedValueParser for SecretParser {
+    type Value = Secret;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<Secret, clap::Error> {
+        use clap::error::{Error, ErrorKind};
+        let name = arg.map_or_else(|| "the secret".to_string(), |a| a.to_string());
+        let text = value.to_str().ok_or_else(|| {
+            Error::raw(ErrorKind::InvalidUtf8, format!("{name} is not UTF-8\n")).with_cmd(cmd)
+        })?;
+        Secret::parse(text).map_err(|e| {
+            Error::raw(ErrorKind::ValueValidation, format!("{name}: {e}\n")).with_cmd(cmd)
+        })
+    }
+}
+
+/// Reads a secret from the first line of a file (trimmed).
+pub fn read_secret_file(path: &std::path::Path) -> anyhow::Result<Secret> {
+    let contents = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the secret file {}", path.display()))?;
+    Secret::from_file_contents(&contents)
+        .with_context(|| format!("the secret in {}", path.display()))
 }
 
 /// Normalised allowed origins: the server's own on localhost plus `extra`.

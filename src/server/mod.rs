@@ -136,6 +136,7 @@ pub struct Server {
 impl Server {
     /// Starts every part of the server and returns once the sockets are bound.
     pub async fn start(args: ServeArgs) -> Result<Server> {
+        let args = args.resolve_subscribe_secret()?;
         let now = SystemTime::now();
         let identity = match (&args.cert, &args.key) {
             (Some(cert), Some(key)) => certs::from_files(cert, key).await?,
@@ -258,6 +259,11 @@ impl Server {
     /// Live counters.
     pub fn stats(&self) -> &Stats {
         &self.shared.stats
+    }
+
+    /// Whether sessions need a subscriber token (--subscribe-secret).
+    pub fn tokens_required(&self) -> bool {
+        self.shared.args.subscribe_secret.is_some()
     }
 
     /// Sessions open right now.
