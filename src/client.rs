@@ -48,6 +48,11 @@ pub struct ConnectArgs {
     /// Origin header to send (browsers always send one; native clients need not).
     #[arg(long, env = "FLEETCAST_ORIGIN")]
     pub origin: Option<String>,
+
+    /// Subscriber token for a server started with --subscribe-secret (see `fleetcast token`);
+    /// added to the session URL as `?token=...`.
+    #[arg(long, env = "FLEETCAST_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 impl ConnectArgs {
@@ -58,7 +63,13 @@ impl ConnectArgs {
             cert_hash: None,
             cert_hash_url: None,
             origin: None,
+            token: None,
         }
+    }
+
+    /// The session URL to connect to: `--url` with `?token=...` when a token is given.
+    pub fn session_url(&self) -> String {
+        with_token(&self.url, self.token.as_deref())
     }
 
     /// The certificate hash URL: the one given, else `http://HOST:8080/certificate.sha256`
@@ -421,6 +432,15 @@ mod tests {
         let mut a = ConnectArgs::new("https://x:1/positions");
         a.cert_hash_url = Some("http://127.0.0.1:9/certificate.sha256".into());
         assert_eq!(a.http_authority(), "127.0.0.1:9");
+    }
+
+    #[test]
+    fn session_url_adds_the_token_and_messages_drop_it() {
+        let mut a = ConnectArgs::new("https://h:1/positions");
+        assert_eq!(a.session_url(), "https://h:1/positions");
+        a.token = Some("a.b.c".into());
+        assert_eq!(a.session_url(), "https://h:1/positions?token=a.b.c");
+        assert_eq!(without_query(&a.session_url()), "https://h:1/positions");
     }
 
     #[test]

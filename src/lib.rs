@@ -9,6 +9,7 @@
 //! - [`sim`]: the built-in simulated fleet (pure, stepped by the caller).
 //! - [`certs`]: self-signed or CA-issued TLS identities.
 //! - [`token`]: subscriber tokens (HS256 JWTs in the session URL), pure.
+//! - [`mint`]: `fleetcast token`, which prints a subscriber token.
 //! - [`server`]: `fleetcast serve`, the async shell around the core.
 //! - [`client`]: the native WebTransport client used by `watch`, the tests and load tools.
 //! - [`watch`]: `fleetcast watch`, a client that reports what it receives.
@@ -17,6 +18,7 @@
 
 pub mod certs;
 pub mod client;
+pub mod mint;
 pub mod proto;
 pub mod server;
 pub mod sim;
