@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use wtransport::endpoint::endpoint_side;
 use wtransport::endpoint::ConnectOptions;
-use wtransport::error::ConnectionError;
+use wtransport::error::{ConnectingError, ConnectionError};
 use wtransport::tls::{Sha256Digest, Sha256DigestFmt};
 use wtransport::{ClientConfig, Connection, Endpoint, RecvStream, VarInt};
 
@@ -48,6 +48,11 @@ pub struct ConnectArgs {
     /// Origin header to send (browsers always send one; native clients need not).
     #[arg(long, env = "FLEETCAST_ORIGIN")]
     pub origin: Option<String>,
+
+    /// Subscriber token for a server started with --subscribe-secret (see `fleetcast token`);
+    /// added to the session URL as `?token=...`.
+    #[arg(long, env = "FLEETCAST_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 impl ConnectArgs {
@@ -58,7 +63,13 @@ impl ConnectArgs {
             cert_hash: None,
             cert_hash_url: None,
             origin: None,
+            token: None,
         }
+    }
+
+    /// The session URL to connect to: `--url` with `?token=...` when a token is given.
+    pub fn session_url(&self) -> String {
+        with_token(&self.url, self.token.as_deref())
     }
 
     /// The certificate hash URL: the one given, else `http://HOST:8080/certificate.sha256`
@@ -95,6 +106,19 @@ impl ConnectArgs {
             None => Trust::SystemRoots,
         })
     }
+}
+
+/// `url` with `token` (if any) as its `token` query parameter.
+pub fn with_token(url: &str, token: Option<&str>) -> String {
+    match token {
+        Some(token) => crate::token::add_to_url(url, token),
+        None => url.to_string(),
+    }
+}
+
+/// `url` without its query string, which may hold a token: for messages and logs.
+pub fn without_query(url: &str) -> &str {
+    url.split_once('?').map_or(url, |(base, _)| base)
 }
 
 /// The `host[:port]` part of a URL.
@@ -237,7 +261,35 @@ pub struct Session {
     goodbye: Option<(u32, String)>,
 }
 
+/// The server answered the session request with an error status instead of opening it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("session refused: {}", describe_status(*.status))]
+pub struct Refused {
+    /// HTTP status of the answer (401 token, 403 origin, 404 path, 429 full), when it sent one.
+    pub status: Option<u16>,
+}
+
+/// `401 Unauthorized`, or `no status` when there is none.
+fn describe_status(status: Option<u16>) -> String {
+    match status {
+        None => "no status".to_string(),
+        Some(code) => {
+            let reason = reqwest::StatusCode::from_u16(code)
+                .ok()
+                .and_then(|s| s.canonical_reason());
+            match reason {
+                Some(reason) => format!("{code} {reason}"),
+                None => code.to_string(),
+            }
+        }
+    }
+}
+
 /// Opens a session at `url`, optionally sending an `Origin` header.
+///
+/// A refusal by the server is a [`Refused`] error (reach it with `downcast_ref`) carrying the
+/// status, e.g. "session refused: 401 Unauthorized". Error messages leave out the URL's query
+/// string, which may hold a token.
 pub async fn open(
     endpoint: &Endpoint<endpoint_side::Client>,
     url: &str,
@@ -247,10 +299,14 @@ pub async fn open(
     if let Some(origin) = origin {
         options = options.add_header("origin", origin);
     }
-    let conn = endpoint
-        .connect(options.build())
-        .await
-        .with_context(|| format!("opening a WebTransport session at {url}"))?;
+    let context = || format!("opening a WebTransport session at {}", without_query(url));
+    let conn = match endpoint.connect(options.build()).await {
+        Ok(conn) => conn,
+        Err(ConnectingError::SessionRejected { status }) => {
+            return Err(anyhow::Error::new(Refused { status }).context(context()));
+        }
+        Err(e) => return Err(anyhow::Error::new(e).context(context())),
+    };
     Ok(Session {
         conn,
         stream: None,
@@ -376,6 +432,30 @@ mod tests {
         let mut a = ConnectArgs::new("https://x:1/positions");
         a.cert_hash_url = Some("http://127.0.0.1:9/certificate.sha256".into());
         assert_eq!(a.http_authority(), "127.0.0.1:9");
+    }
+
+    #[test]
+    fn session_url_adds_the_token_and_messages_drop_it() {
+        let mut a = ConnectArgs::new("https://h:1/positions");
+        assert_eq!(a.session_url(), "https://h:1/positions");
+        a.token = Some("a.b.c".into());
+        assert_eq!(a.session_url(), "https://h:1/positions?token=a.b.c");
+        assert_eq!(without_query(&a.session_url()), "https://h:1/positions");
+    }
+
+    #[test]
+    fn without_query_drops_the_query_string() {
+        assert_eq!(without_query("https://h:1/p?token=x&v=1"), "https://h:1/p");
+        assert_eq!(without_query("https://h:1/p"), "https://h:1/p");
+    }
+
+    #[test]
+    fn refused_names_the_status() {
+        let r = |status| Refused { status }.to_string();
+        assert_eq!(r(Some(401)), "session refused: 401 Unauthorized");
+        assert_eq!(r(Some(429)), "session refused: 429 Too Many Requests");
+        assert_eq!(r(Some(499)), "session refused: 499");
+        assert_eq!(r(None), "session refused: no status");
     }
 
     #[test]

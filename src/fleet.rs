@@ -336,19 +336,23 @@ pub struct FleetState {
     max_cars: usize,
     cars: BTreeMap<u32, Car>,
     by_id: HashMap<String, u32>,
+    /// Cars whose source is [`Source::Publisher`] (the ones `max_cars` limits).
+    published: usize,
     next_wire_id: u32,
     changes: Vec<Change>,
     roster_version: u64,
 }
 
 impl FleetState {
-    /// An empty fleet in `area`, holding at most `max_cars` cars.
+    /// An empty fleet in `area`, holding at most `max_cars` publishers' cars (the simulator's
+    /// are not limited: their number is an option of their own).
     pub fn new(area: Area, max_cars: usize) -> Self {
         Self {
             area,
             max_cars,
             cars: BTreeMap::new(),
             by_id: HashMap::new(),
+            published: 0,
             next_wire_id: 0,
             changes: Vec::new(),
             roster_version: 0,
@@ -439,8 +443,11 @@ impl FleetState {
             }
             return Ok(());
         }
-        if self.cars.len() >= self.max_cars {
-            return Err(FixError::Full(self.max_cars));
+        if source == Source::Publisher {
+            if self.published >= self.max_cars {
+                return Err(FixError::Full(self.max_cars));
+            }
+            self.published += 1;
         }
         let wire_id = self.next_wire_id;
         // Wire ids are never reused within a process, so no client can mistake a new car for
@@ -473,7 +480,9 @@ impl FleetState {
     /// Removes the car with operator id `id`; returns its wire id if it was there.
     pub fn remove(&mut self, id: &str) -> Option<u32> {
         let wire_id = self.by_id.remove(id)?;
-        self.cars.remove(&wire_id);
+        if self.cars.remove(&wire_id).map(|c| c.source) == Some(Source::Publisher) {
+            self.published -= 1;
+        }
         self.record(Change::Removed(wire_id));
         Some(wire_id)
     }
@@ -740,6 +749,10 @@ mod tests {
     fn apply_refuses_other_sources_ids_and_a_full_fleet() {
         let mut f = FleetState::new(area(), 1);
         f.apply(fix("FC-0001", 52.36, 4.87, None), Source::Simulator, T0)
+            .unwrap();
+        f.apply(fix("FC-0002", 52.36, 4.87, None), Source::Simulator, T0)
+            .unwrap();
+        f.apply(fix("a", 52.36, 4.87, None), Source::Publisher, T0)
             .unwrap();
         let e = f
             .apply(fix("FC-0001", 52.36, 4.87, None), Source::Publisher, T0)

@@ -9,6 +9,8 @@
 //! - [`sim`]: the built-in simulated fleet (pure, stepped by the caller).
 //! - [`fleet`]: the fleet state, where position sources meet the tick loop (pure).
 //! - [`certs`]: self-signed or CA-issued TLS identities.
+//! - [`token`]: subscriber tokens (HS256 JWTs in the session URL), pure.
+//! - [`mint`]: `fleetcast token`, which prints a subscriber token.
 //! - [`server`]: `fleetcast serve`, the async shell around the core.
 //! - [`client`]: the native WebTransport client used by `watch`, the tests and load tools.
 //! - [`watch`]: `fleetcast watch`, a client that reports what it receives.
@@ -18,9 +20,11 @@
 pub mod certs;
 pub mod client;
 pub mod fleet;
+pub mod mint;
 pub mod proto;
 pub mod server;
 pub mod sim;
 pub mod swarm;
+pub mod token;
 pub mod udp;
 pub mod watch;

@@ -8,7 +8,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 use tracing_subscriber::EnvFilter;
 
-use fleetcast::server::{ServeArgs, Server, SESSION_PATH};
+use fleetcast::mint::{self, TokenArgs};
+use fleetcast::server::{now_us, ServeArgs, Server, SESSION_PATH};
 use fleetcast::swarm::{self, SwarmArgs};
 use fleetcast::watch::{self, WatchArgs};
 
@@ -33,6 +34,8 @@ enum Command {
     Watch(WatchArgs),
     /// Open many sessions at once and measure delivery and latency.
     Swarm(SwarmArgs),
+    /// Print a subscriber token for a server started with --subscribe-secret.
+    Token(TokenArgs),
 }
 
 fn main() -> Result<()> {
@@ -64,6 +67,11 @@ async fn run(command: Command) -> Result<()> {
         .init();
     match command {
         Command::Serve(args) => serve(*args).await,
+        Command::Token(args) => {
+            // The token alone on stdout, so `$(fleetcast token ...)` captures exactly it.
+            println!("{}", mint::run(&args, now_us() / 1_000_000)?);
+            Ok(())
+        }
         Command::Watch(args) => {
             let json = args.json;
             let stop = CancellationToken::new();
@@ -116,6 +124,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let wt_port = server.wt_addr.port();
     info!("web demo:     http://localhost:{http_port}/");
     info!("session URL:  https://localhost:{wt_port}{SESSION_PATH}");
+    if server.tokens_required() {
+        info!("subscriber tokens required: add ?token=... (fleetcast token --secret ...)");
+    }
     if let Some(hash) = &server.cert_hash {
         info!("certificate:  sha-256 {hash}");
         info!("              (also at http://localhost:{http_port}/certificate.sha256)");

@@ -99,11 +99,13 @@ pub struct SwarmArgs {
 }
 
 impl SwarmArgs {
+    /// The WebSocket URL, with `?token=...` when a token is given.
     fn ws_url(&self) -> String {
-        match &self.ws_url {
+        let url = match &self.ws_url {
             Some(u) => u.clone(),
             None => format!("ws://{}/positions.ws", self.connect.http_authority()),
-        }
+        };
+        client::with_token(&url, self.connect.token.as_deref())
     }
 
     fn metrics_url(&self) -> Option<String> {
@@ -608,7 +610,7 @@ async fn webtransport_session(
 ) -> Result<(), SessionError> {
     let mut session = client::open(
         endpoint,
-        &run.args.connect.url,
+        &run.args.connect.session_url(),
         run.args.connect.origin.as_deref(),
     )
     .await
@@ -656,7 +658,10 @@ async fn websocket_session(
     let url = run.args.ws_url();
     let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
         .await
-        .map_err(|e| SessionError::Connect(anyhow::anyhow!("{url}: {e}")))?;
+        .map_err(|e| {
+            let url = client::without_query(&url);
+            SessionError::Connect(anyhow::anyhow!("{url}: {e}"))
+        })?;
     let mut permit = Some(permit);
     let mut frames = FrameDecoder::new();
     loop {

@@ -173,8 +173,8 @@ pub async fn run(args: WatchArgs, stop: CancellationToken) -> Result<Report> {
         let attempt = async {
             let trust = args.connect.trust().await?;
             let endpoint = client::endpoint(&ClientOptions::new(trust))?;
-            let session =
-                client::open(&endpoint, &args.connect.url, args.connect.origin.as_deref()).await?;
+            let url = args.connect.session_url();
+            let session = client::open(&endpoint, &url, args.connect.origin.as_deref()).await?;
             Ok::<_, anyhow::Error>((endpoint, session))
         };
         let opened = tokio::select! {

@@ -177,3 +177,143 @@ fn fetch(url: &str) -> String {
     assert!(body.starts_with("HTTP/1.1 200"), "{body}");
     body.split("\r\n\r\n").nth(1).unwrap().to_string()
 }
+
+const SECRET: &str = "cli-test-secret-0123456789abcdefgh";
+
+/// `fleetcast token` with `args`; returns its stdout, asserting it succeeded.
+fn token(args: &[&str], env: &[(&str, &str)]) -> String {
+    let out = Command::new(BIN)
+        .arg("token")
+        .args(args)
+        .envs(env.iter().copied())
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("fleetcast token runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+/// `fleetcast watch --json` for `duration` against `server`, with extra arguments.
+fn watch(server: &Serve, duration: &str, extra: &[&str]) -> (bool, serde_json::Value) {
+    let out = Command::new(BIN)
+        .args(["watch", "--duration", duration, "--json", "--url"])
+        .arg(format!("https://localhost:{}/positions", server.wt_port))
+        .arg("--cert-hash-url")
+        .arg(format!(
+            "http://localhost:{}/certificate.sha256",
+            server.http_port
+        ))
+        .args(extra)
+        .env_remove("FLEETCAST_TOKEN")
+        .output()
+        .expect("watch runs");
+    let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "one JSON object on stdout ({e}); stderr:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.success(), report)
+}
+
+#[test]
+fn token_command_prints_a_token_that_watch_uses_on_a_protected_server() {
+    let server = serve(&[
+        "--cars",
+        "30",
+        "--tick-ms",
+        "100",
+        "--subscribe-secret",
+        SECRET,
+    ]);
+    let stdout = token(&["--secret", SECRET, "--ttl", "1h", "--sub", "cli"], &[]);
+    // One token and a newline, nothing else.
+    assert!(
+        stdout.ends_with('\n') && stdout.lines().count() == 1,
+        "{stdout:?}"
+    );
+    let jwt = stdout.trim_end();
+    let secret = fleetcast::token::Secret::parse(SECRET).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = fleetcast::token::verify(&secret, jwt, now).expect("a valid token");
+    assert!(
+        (3599..=3601).contains(&(claims.exp - now as i64)),
+        "{claims:?}"
+    );
+    assert_eq!(claims.sub.as_deref(), Some("cli"));
+
+    let (ok, report) = watch(&server, "3s", &["--token", jwt]);
+    assert!(ok, "{report}");
+    assert_eq!(report["sessions"], 1, "{report}");
+    assert_eq!(report["initial_cars"], 30, "{report}");
+    assert!(report["ticks_received"].as_u64().unwrap() >= 5, "{report}");
+
+    // Without the token it never connects, and the server says why it refused.
+    let (ok, report) = watch(&server, "1s", &[]);
+    assert!(!ok);
+    assert_eq!(report["sessions"], 0, "{report}");
+    let health: serde_json::Value = serde_json::from_str(&fetch(&format!(
+        "http://127.0.0.1:{}/healthz",
+        server.http_port
+    )))
+    .unwrap();
+    assert!(
+        health["counters"]["refused_unauthorized"].as_u64().unwrap() >= 1,
+        "{health}"
+    );
+}
+
+#[test]
+fn token_command_reads_the_secret_from_env_or_file() {
+    let from_env = token(&["--ttl", "90s"], &[("FLEETCAST_SUBSCRIBE_SECRET", SECRET)]);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("secret");
+    std::fs::write(&file, format!("  {SECRET}  \n")).unwrap();
+    let from_file = token(&["--secret-file", file.to_str().unwrap()], &[]);
+    let secret = fleetcast::token::Secret::parse(SECRET).unwrap();
+    for t in [from_env, from_file] {
+        assert!(
+            fleetcast::token::verify(&secret, t.trim_end(), 0).is_ok(),
+            "{t}"
+        );
+    }
+}
+
+#[test]
+fn short_secrets_fail_at_start_up_and_help_hides_secrets() {
+    for args in [
+        vec!["serve", "--subscribe-secret", "too-short"],
+        vec!["token", "--secret", "too-short"],
+    ] {
+        let out = Command::new(BIN).args(&args).output().unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("at least 32"), "{args:?}: {stderr}");
+        assert!(
+            !stderr.contains("too-short"),
+            "the error quotes the secret: {stderr}"
+        );
+    }
+    // `--help` names the environment variables but never shows their values.
+    for command in ["serve", "token", "watch"] {
+        let out = Command::new(BIN)
+            .args([command, "--help"])
+            .env("FLEETCAST_SUBSCRIBE_SECRET", SECRET)
+            .env("FLEETCAST_TOKEN", "secret-token-value")
+            .output()
+            .unwrap();
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(!help.contains(SECRET), "{command} --help shows the secret");
+        assert!(
+            !help.contains("secret-token-value"),
+            "{command} --help shows the token"
+        );
+    }
+}

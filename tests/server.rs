@@ -231,11 +231,14 @@ async fn wrong_path_bad_origin_and_full_server_are_refused_with_reasons() {
     let ep = ts.endpoint();
 
     let wrong = common::url_for(ts.server.wt_addr, "/nope");
-    assert!(client::open(&ep, &wrong, None).await.is_err());
+    assert_eq!(
+        common::refused_status(client::open(&ep, &wrong, None).await),
+        404
+    );
     assert_eq!(ts.counter("refused_not_found"), 1);
 
     let evil = client::open(&ep, &ts.url(), Some("https://evil.example")).await;
-    assert!(evil.is_err());
+    assert_eq!(common::refused_status(evil), 403);
     assert_eq!(ts.counter("refused_forbidden"), 1);
 
     // The server's own page origin and a query string are fine.
@@ -247,7 +250,7 @@ async fn wrong_path_bad_origin_and_full_server_are_refused_with_reasons() {
     let _ = initial_state(&mut a).await;
     let mut b_view = initial_state(&mut b).await;
     let third = client::open(&ep, &ts.url(), None).await;
-    assert!(third.is_err(), "third session should get 429");
+    assert_eq!(common::refused_status(third), 429, "third session gets 429");
     assert_eq!(ts.counter("refused_full"), 1);
 
     // After one leaves, there is room again; the others never noticed.

@@ -64,3 +64,30 @@ async fn websocket_swarm_measures_the_same_ticks() {
     assert!(report.delivery_ratio >= 0.999, "{report:?}");
     assert_eq!(ts.server.stats().get("ws_sessions_accepted"), Some(200));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swarm_token_is_sent_on_both_transports() {
+    let secret = fleetcast::token::Secret::parse("swarm-test-secret-0123456789abcdef").unwrap();
+    let ts = TestServer::start(|a| {
+        a.tick_ms = 250;
+        a.subscribe_secret = Some(secret.clone());
+    })
+    .await;
+    let exp = fleetcast::server::now_us() / 1_000_000 + 3600;
+    let token = fleetcast::token::mint(&secret, &fleetcast::token::Claims::expiring_at(exp as i64));
+    for transport in [Transport::Webtransport, Transport::Websocket] {
+        let mut with = args(&ts, transport, 20);
+        with.connect.token = Some(token.clone());
+        let report = swarm::run(with).await.unwrap();
+        assert_eq!(report.sessions_connected, 20, "{transport:?}: {report:?}");
+        assert!(report.delivery_ratio >= 0.999, "{report:?}");
+
+        let mut without = args(&ts, transport, 5);
+        without.duration = Duration::from_millis(100);
+        let report = swarm::run(without).await.unwrap();
+        assert_eq!(report.sessions_connected, 0, "{transport:?}: {report:?}");
+        assert_eq!(report.connect_failures, 5, "{report:?}");
+    }
+    assert_eq!(ts.server.stats().get("refused_unauthorized"), Some(5));
+    assert_eq!(ts.server.stats().get("ws_refused_unauthorized"), Some(5));
+}

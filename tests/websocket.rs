@@ -252,6 +252,7 @@ async fn config_json_names_the_webtransport_port_and_paths() {
     assert_eq!(config["session_path"], "/positions");
     assert_eq!(config["websocket_path"], "/positions.ws");
     assert_eq!(config["tick_interval_ms"], 100);
+    assert_eq!(config["token_required"], false);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

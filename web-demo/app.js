@@ -3,7 +3,8 @@
 // between the 1 s fixes. State for people and tests: window.fleetcast.
 //
 // ?transport=websocket forces the WebSocket; without WebTransport, or when a WebTransport
-// session cannot open, the page falls back to it by itself.
+// session cannot open, the page falls back to it by itself. ?token=JWT is passed on to the
+// server (both transports) for a server started with --subscribe-secret.
 
 import {
   FrameDecoder,
@@ -20,6 +21,10 @@ import {
 
 const params = new URLSearchParams(location.search);
 const forced = params.get('transport'); // 'websocket' | 'webtransport' | null
+/** Subscriber token from the page's own URL, passed on in the session URLs (or null). */
+const token = params.get('token') || null;
+/** What the stats panel says when the server requires a token and a session was refused. */
+const TOKEN_REFUSED = 'refused (token missing, invalid or expired?)';
 const OPEN_TIMEOUT_MS = 5000;
 const BACKOFF_BASE_MS = 500;
 const BACKOFF_CAP_MS = 10000;
@@ -51,6 +56,9 @@ const fc = {
   lastGoodbye: null, // Goodbye frame {code, reason} of the last session, if it sent one
   lastError: null,
   fallbackReason: null,
+  tokenGiven: token !== null,
+  tokenRequired: null, // from /config.json
+  tokenStatus: null, // null (not required) | 'sent' | 'accepted' | TOKEN_REFUSED
   selected: null,
   pinned: null,
 };
@@ -253,10 +261,15 @@ async function certificateHashes() {
   return [{ algorithm: 'sha-256', value }];
 }
 
+/** `url` with the page's subscriber token, if it has one, as `?token=` (URL-encoded). */
+function withToken(url) {
+  return token === null ? url : `${url}${url.includes('?') ? '&' : '?'}token=${encodeURIComponent(token)}`;
+}
+
 /** Opens a WebTransport session; resolves with a runner once it is ready. */
 async function openWebTransport(config) {
   const hashes = await certificateHashes();
-  const url = `https://${location.hostname}:${config.webtransport_port}${config.session_path}`;
+  const url = withToken(`https://${location.hostname}:${config.webtransport_port}${config.session_path}`);
   const wt = new WebTransport(url, hashes.length ? { serverCertificateHashes: hashes } : {});
   wt.closed.catch(() => {}); // observed in run()
   try {
@@ -309,7 +322,7 @@ async function openWebTransport(config) {
 /** Opens the WebSocket fallback; resolves with a runner once it is open. */
 async function openWebSocket(config) {
   const scheme = location.protocol === 'https:' ? 'wss' : 'ws';
-  const ws = new WebSocket(`${scheme}://${location.host}${config.websocket_path}`);
+  const ws = new WebSocket(withToken(`${scheme}://${location.host}${config.websocket_path}`));
   ws.binaryType = 'arraybuffer';
   const sink = makeStreamSink();
   let ended;
@@ -348,6 +361,8 @@ async function openWebSocket(config) {
 /** One session: config, transport choice with fallback, then run until it ends. */
 async function session() {
   const config = await fetchJson('/config.json');
+  fc.tokenRequired = config.token_required === true;
+  if (fc.tokenRequired && fc.tokenStatus !== TOKEN_REFUSED) fc.tokenStatus = token === null ? null : 'sent';
   if (!roads) {
     roads = await fetchJson('/roads.json').catch(() => null);
     roadLayer = null; // redraw with the roads
@@ -368,7 +383,22 @@ async function session() {
     if (forced === 'webtransport') throw new Error('this browser has no WebTransport');
     fc.fallbackReason = 'this browser has no WebTransport';
   }
-  if (!conn) conn = await openWebSocket(config);
+  if (!conn) {
+    try {
+      conn = await openWebSocket(config);
+    } catch (e) {
+      // Neither transport opened. Browsers hide the status of a refused session (401 on both
+      // transports for a bad token), so with a token required, say that it may be the cause.
+      if (fc.tokenRequired) {
+        fc.tokenStatus = TOKEN_REFUSED;
+        setNotice(token === null
+          ? 'This server requires a subscriber token: open the page with ?\u2060token=…'
+          : 'The server refused the session: the token may be invalid or expired.');
+      }
+      throw e;
+    }
+  }
+  if (fc.tokenRequired) fc.tokenStatus = 'accepted';
 
   view = new FleetView();
   lastLatencyTick = null;
@@ -463,10 +493,20 @@ function renderPanel() {
   set('s-missed', String(fc.ticksMissed));
   set('s-latency', fc.latencyP50Ms === null ? '—' : `${fc.latencyP50Ms} ms`);
   set('s-rate', fmtBytes(fc.bytesPerSecond));
+  renderToken();
   renderConn();
   if (fc.state !== 'connected' && fc.lastError && !$('notice').textContent) {
     setNotice(`Connection lost: ${fc.lastError}`);
   }
+}
+
+/** The token row of the stats panel: shown only when the server requires a token. */
+function renderToken() {
+  const row = $('s-token-row');
+  const show = fc.tokenRequired === true;
+  if (row.hidden === show) row.hidden = !show;
+  if (!show) return;
+  set('s-token', fc.tokenStatus ?? (token === null ? 'missing' : 'sent'));
 }
 
 const COMPASS = ['N', 'NE', 'E', 'SE', 'S', 'SW', 'W', 'NW'];

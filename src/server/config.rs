@@ -4,9 +4,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::Args;
 
 use crate::fleet::Area;
+use crate::token::Secret;
 
 /// Parses durations such as `500ms`, `10s`, `2m`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -159,6 +161,18 @@ pub struct ServeArgs {
           value_parser = parse_bytes)]
     pub datagram_recv_buffer: usize,
 
+    /// Require a subscriber token (`?token=JWT`, HS256) signed with this secret (at least 32
+    /// bytes) on both transports; without one (and without --subscribe-secret-file) no token is
+    /// needed. Mint tokens with `fleetcast token`.
+    #[arg(long, env = "FLEETCAST_SUBSCRIBE_SECRET", hide_env_values = true,
+          value_parser = SecretParser)]
+    pub subscribe_secret: Option<Secret>,
+
+    /// Like --subscribe-secret, with the secret on the first line of this file (trimmed); wins
+    /// over --subscribe-secret.
+    #[arg(long, env = "FLEETCAST_SUBSCRIBE_SECRET_FILE")]
+    pub subscribe_secret_file: Option<PathBuf>,
+
     /// Directory of static files served over HTTP.
     #[arg(long, env = "FLEETCAST_WEB_ROOT", default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/web-demo"))]
     pub web_root: PathBuf,
@@ -167,7 +181,7 @@ pub struct ServeArgs {
 impl ServeArgs {
     /// Checks option combinations that each option alone cannot; returns the served area and
     /// the publisher tokens.
-    pub fn check(&self) -> Result<(Area, Vec<Secret>), String> {
+    pub fn check(&self) -> Result<(Area, Vec<PublishToken>), String> {
         let area = self.area.area()?;
         let tokens = self.ingest.tokens()?;
         if self.feed.is_empty() {
@@ -182,16 +196,8 @@ impl ServeArgs {
         if !ingest && !tokens.is_empty() {
             return Err("--publish-token is given but --feed has no ingest".into());
         }
-        if self.feed.contains(&Feed::Sim) {
-            if self.sim.cars > self.ingest.max_cars {
-                return Err(format!(
-                    "--cars {} exceeds --max-cars {}",
-                    self.sim.cars, self.ingest.max_cars
-                ));
-            }
-            if self.sim.churn_ticks > 0 && self.sim.cars == 0 {
-                return Err("--churn-ticks needs at least one simulated car (--cars)".into());
-            }
+        if self.feed.contains(&Feed::Sim) && self.sim.churn_ticks > 0 && self.sim.cars == 0 {
+            return Err("--churn-ticks needs at least one simulated car (--cars)".into());
         }
         Ok((area, tokens))
     }
@@ -208,6 +214,15 @@ impl ServeArgs {
             }
         }
         names
+    }
+
+    /// Reads --subscribe-secret-file, if given, into `subscribe_secret`, so the rest of the
+    /// server finds the secret in one place.
+    pub fn resolve_subscribe_secret(mut self) -> anyhow::Result<Self> {
+        if let Some(path) = &self.subscribe_secret_file {
+            self.subscribe_secret = Some(read_secret_file(path)?);
+        }
+        Ok(self)
     }
 
     /// Defaults for tests and embedding: ephemeral ports on loopback.
@@ -344,12 +359,12 @@ impl SimArgs {
     }
 }
 
-/// A secret (a token): compared in constant time, never printed.
+/// A publisher token: compared in constant time, never printed.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
+pub struct PublishToken(String);
 
-impl Secret {
-    /// Wraps a secret.
+impl PublishToken {
+    /// Wraps a token.
     pub fn new(s: impl Into<String>) -> Self {
         Self(s.into())
     }
@@ -360,13 +375,13 @@ impl Secret {
     }
 }
 
-impl std::fmt::Debug for Secret {
+impl std::fmt::Debug for PublishToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("<redacted>")
     }
 }
 
-impl std::str::FromStr for Secret {
+impl std::str::FromStr for PublishToken {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let s = s.trim();
@@ -376,7 +391,7 @@ impl std::str::FromStr for Secret {
         if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err("a token must not contain spaces or control characters".into());
         }
-        Ok(Secret(s.to_string()))
+        Ok(PublishToken(s.to_string()))
     }
 }
 
@@ -386,7 +401,7 @@ pub struct IngestArgs {
     /// A token publishers send as `Authorization: Bearer TOKEN` (repeatable; at least 16
     /// characters). Each token has its own rate limit.
     #[arg(long, env = "FLEETCAST_PUBLISH_TOKEN", value_delimiter = ',')]
-    pub publish_token: Vec<Secret>,
+    pub publish_token: Vec<PublishToken>,
 
     /// A file of publisher tokens, one per line (blank lines and `#` comments skipped).
     #[arg(long, env = "FLEETCAST_PUBLISH_TOKEN_FILE")]
@@ -408,7 +423,7 @@ pub struct IngestArgs {
           value_parser = parse_duration)]
     pub car_timeout: Duration,
 
-    /// Most cars in the fleet; fixes for new cars beyond it are rejected.
+    /// Most publishers' cars in the fleet; fixes for new cars beyond it are rejected.
     #[arg(long, env = "FLEETCAST_MAX_CARS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_cars: u32,
@@ -416,7 +431,7 @@ pub struct IngestArgs {
 
 impl IngestArgs {
     /// Every publisher token: the options' and the token file's.
-    pub fn tokens(&self) -> Result<Vec<Secret>, String> {
+    pub fn tokens(&self) -> Result<Vec<PublishToken>, String> {
         let mut tokens = self.publish_token.clone();
         if let Some(path) = &self.publish_token_file {
             let text = std::fs::read_to_string(path)
@@ -427,13 +442,46 @@ impl IngestArgs {
                     continue;
                 }
                 let token = line
-                    .parse::<Secret>()
+                    .parse::<PublishToken>()
                     .map_err(|e| format!("{} line {}: {e}", path.display(), n + 1))?;
                 tokens.push(token);
             }
         }
         Ok(tokens)
     }
+}
+
+/// Parses a secret option. Unlike clap's own parsers, its errors never quote the value: even a
+/// rejected secret must not reach a terminal or a log.
+#[derive(Debug, Clone, Copy)]
+pub struct SecretParser;
+
+impl clap::builder::TypedValueParser for SecretParser {
+    type Value = Secret;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<Secret, clap::Error> {
+        use clap::error::{Error, ErrorKind};
+        let name = arg.map_or_else(|| "the secret".to_string(), |a| a.to_string());
+        let text = value.to_str().ok_or_else(|| {
+            Error::raw(ErrorKind::InvalidUtf8, format!("{name} is not UTF-8\n")).with_cmd(cmd)
+        })?;
+        Secret::parse(text).map_err(|e| {
+            Error::raw(ErrorKind::ValueValidation, format!("{name}: {e}\n")).with_cmd(cmd)
+        })
+    }
+}
+
+/// Reads a secret from the first line of a file (trimmed).
+pub fn read_secret_file(path: &std::path::Path) -> anyhow::Result<Secret> {
+    let contents = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the secret file {}", path.display()))?;
+    Secret::from_file_contents(&contents)
+        .with_context(|| format!("the secret in {}", path.display()))
 }
 
 /// Normalised allowed origins: the server's own on localhost plus `extra`.

@@ -99,6 +99,7 @@ async fn config(State(shared): State<Arc<Shared>>) -> Response {
         "session_path": SESSION_PATH,
         "websocket_path": WEBSOCKET_PATH,
         "tick_interval_ms": shared.args.tick_ms,
+        "token_required": shared.args.subscribe_secret.is_some(),
     }))
     .into_response()
 }

@@ -27,7 +27,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tracing::{debug, info, Instrument};
 
-use super::config::Secret;
+use super::config::PublishToken;
 use super::ws::WsState;
 use super::{now_us, Shared, Stats};
 use crate::fleet::{fix_from_json, format_time, Source};
@@ -51,7 +51,7 @@ pub(crate) struct Publisher {
 }
 
 impl Publisher {
-    pub(crate) fn new(token: Secret) -> Self {
+    pub(crate) fn new(token: PublishToken) -> Self {
         Self {
             digest: Sha256::digest(token.expose().as_bytes()).into(),
             bucket: Mutex::new(Bucket::default()),

@@ -75,10 +75,12 @@ pub(crate) fn render(shared: &Shared) -> String {
         &[
             ("webtransport", "not_found", get(&s.refused_not_found)),
             ("webtransport", "forbidden", get(&s.refused_forbidden)),
+            ("webtransport", "unauthorized", get(&s.refused_unauthorized)),
             ("webtransport", "full", get(&s.refused_full)),
             ("webtransport", "handshakes_busy", get(&s.refused_busy)),
             ("webtransport", "handshake_failed", get(&s.handshake_failed)),
             ("websocket", "forbidden", get(&s.ws_refused_forbidden)),
+            ("websocket", "unauthorized", get(&s.ws_refused_unauthorized)),
             ("websocket", "full", get(&s.ws_refused_full)),
         ],
     );

@@ -172,6 +172,7 @@ pub struct Server {
 impl Server {
     /// Starts every part of the server and returns once the sockets are bound.
     pub async fn start(args: ServeArgs) -> Result<Server> {
+        let args = args.resolve_subscribe_secret()?;
         let (area, publishers) = args.check().map_err(anyhow::Error::msg)?;
         let publishers = publishers.into_iter().map(ingest::Publisher::new).collect();
         info!("served area: {area}");
@@ -309,6 +310,11 @@ impl Server {
     /// Live counters.
     pub fn stats(&self) -> &Stats {
         &self.shared.stats
+    }
+
+    /// Whether sessions need a subscriber token (--subscribe-secret).
+    pub fn tokens_required(&self) -> bool {
+        self.shared.args.subscribe_secret.is_some()
     }
 
     /// Sessions open right now.

@@ -17,9 +17,10 @@ use wtransport::{Connection, SendStream, VarInt};
 
 use super::config::origin_allowed;
 use super::stats::GaugeGuard;
-use super::{Member, ServerEndpoint, Shared, Stats, SESSION_PATH};
+use super::{now_us, Member, ServerEndpoint, Shared, Stats, SESSION_PATH};
 use crate::proto::wire::webtransport_datagram_header;
 use crate::proto::wire::{CloseCode, StreamMessage};
+use crate::token;
 
 /// How long a goodbye may take before the session is closed regardless.
 const GOODBYE_WAIT: Duration = Duration::from_secs(1);
@@ -119,10 +120,13 @@ impl Drop for Registration<'_> {
 /// Checks a session request and, if it passes, runs the session to its end.
 async fn handle(request: SessionRequest, shared: Arc<Shared>, token: CancellationToken) {
     let remote = request.remote_address();
-    let path = request.path().split('?').next().unwrap_or_default();
+    let (path, query) = match request.path().split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (request.path(), None),
+    };
     if path != SESSION_PATH {
         Stats::inc(&shared.stats.refused_not_found);
-        debug!(%remote, path = request.path(), "refused: 404");
+        debug!(%remote, path, "refused: 404"); // without the query: it may hold a token
         request.not_found().await;
         return;
     }
@@ -131,6 +135,18 @@ async fn handle(request: SessionRequest, shared: Arc<Shared>, token: Cancellatio
         info!(%remote, origin = request.origin(), "refused: origin not allowed (403)");
         request.forbidden().await;
         return;
+    }
+    if let Some(secret) = &shared.args.subscribe_secret {
+        match token::verify_query(secret, query, now_us() / 1_000_000) {
+            Ok(claims) => debug!(%remote, sub = claims.sub.as_deref(), "subscriber token accepted"),
+            Err(e) => {
+                Stats::inc(&shared.stats.refused_unauthorized);
+                // The reason only: the token itself is a credential and never logged.
+                debug!(%remote, "refused: {e} (401)");
+                request.reject_with_status(401).await;
+                return;
+            }
+        }
     }
     if shared.sessions.fetch_add(1, Ordering::Relaxed) >= shared.args.max_sessions {
         shared.sessions.fetch_sub(1, Ordering::Relaxed);

@@ -41,6 +41,8 @@ counters! {
     refused_not_found,
     /// Sessions refused with 403 (origin not allowed).
     refused_forbidden,
+    /// Sessions refused with 401 (subscriber token missing, invalid or expired).
+    refused_unauthorized,
     /// Sessions refused with 429 (--max-sessions reached).
     refused_full,
     /// Connection attempts refused because --max-handshakes were in progress.
@@ -65,6 +67,8 @@ counters! {
     ws_sessions_accepted,
     /// WebSocket upgrades refused with 403 (origin not allowed).
     ws_refused_forbidden,
+    /// WebSocket upgrades refused with 401 (subscriber token missing, invalid or expired).
+    ws_refused_unauthorized,
     /// WebSocket upgrades refused with 429 (--max-sessions reached).
     ws_refused_full,
     /// WebSocket sessions closed (1008) for sending anything but ping, pong or close.

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{ConnectInfo, State};
+use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::{BufMut, Bytes, BytesMut};
@@ -30,8 +30,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, trace, Instrument};
 
 use super::config::origin_allowed;
-use super::{Shared, Stats};
+use super::{now_us, Shared, Stats};
 use crate::proto::wire::{CloseCode, StreamMessage};
+use crate::token;
 
 /// Path of the WebSocket endpoint on the HTTP port.
 pub const WEBSOCKET_PATH: &str = "/positions.ws";
@@ -87,10 +88,11 @@ impl Drop for Slot {
     }
 }
 
-/// `GET /positions.ws`: checks origin and capacity, then upgrades.
+/// `GET /positions.ws`: checks origin, subscriber token and capacity, then upgrades.
 pub(crate) async fn upgrade(
     State(state): State<WsState>,
     ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
@@ -103,6 +105,24 @@ pub(crate) async fn upgrade(
         Stats::inc(&shared.stats.ws_refused_forbidden);
         info!(%remote, ?origin, "websocket refused: origin not allowed (403)");
         return (StatusCode::FORBIDDEN, "origin not allowed\n").into_response();
+    }
+    if let Some(secret) = &shared.args.subscribe_secret {
+        match token::verify_query(secret, query.as_deref(), now_us() / 1_000_000) {
+            Ok(claims) => {
+                debug!(%remote, sub = claims.sub.as_deref(), "websocket subscriber token accepted")
+            }
+            Err(e) => {
+                Stats::inc(&shared.stats.ws_refused_unauthorized);
+                // The reason only: the token itself is a credential and never logged.
+                debug!(%remote, "websocket refused: {e} (401)");
+                return (
+                    StatusCode::UNAUTHORIZED,
+                    [(header::WWW_AUTHENTICATE, "Bearer")],
+                    "subscriber token missing, invalid or expired\n",
+                )
+                    .into_response();
+            }
+        }
     }
     if state.token.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "server shutting down\n").into_response();

@@ -124,6 +124,23 @@ pub async fn ended(session: &mut Session, limit: Duration) -> fleetcast::client:
     }
 }
 
+/// The HTTP status with which the server refused a session; panics if the session opened or
+/// failed for another reason.
+pub fn refused_status(result: anyhow::Result<Session>) -> u16 {
+    let err = match result {
+        Ok(_) => panic!("the session opened"),
+        Err(e) => e,
+    };
+    let refused = err
+        .downcast_ref::<client::Refused>()
+        .unwrap_or_else(|| panic!("not a refusal: {err:#}"));
+    assert!(
+        format!("{err:#}").contains("session refused: "),
+        "the message names the refusal: {err:#}"
+    );
+    refused.status.expect("the server sent a status")
+}
+
 /// True if a message is a Goodbye.
 pub fn is_goodbye(msg: &StreamMessage) -> bool {
     matches!(msg, StreamMessage::Goodbye { .. })

@@ -6,7 +6,7 @@
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, dirname } from 'node:path';
@@ -26,8 +26,8 @@ const tempDirs = [];
 const servers = new Set();
 let browser;
 
-/** Starts `fleetcast serve`; resolves once its log names both ports. */
-function startServer({ httpPort = 0, wtPort = 0, args = [] } = {}) {
+/** Starts `fleetcast serve` (with `extra` arguments); resolves once its log names both ports. */
+function startServer({ httpPort = 0, wtPort = 0, extra = [] } = {}) {
   const certDir = mkdtempSync(join(tmpdir(), 'fleetcast-certs-'));
   tempDirs.push(certDir);
   const child = spawn(BIN, [
@@ -38,7 +38,7 @@ function startServer({ httpPort = 0, wtPort = 0, args = [] } = {}) {
     '--cert-dir', certDir,
     '--web-root', join(ROOT, 'web-demo'),
     '--shutdown-timeout', '2s',
-    ...args,
+    ...extra,
   ], { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, NO_COLOR: '1', RUST_LOG: 'info' } });
   servers.add(child);
   let log = '';
@@ -275,7 +275,7 @@ for (const transport of ['webtransport', 'websocket']) {
 
 test('ingest: posted cars appear on the page at their positions with their fix age', async () => {
   const token = 'browser-test-publisher-token';
-  const server = await startServer({ args: ['--feed', 'ingest', '--publish-token', token] });
+  const server = await startServer({ extra: ['--feed', 'ingest', '--publish-token', token] });
   const { context, page, console } = await newPage();
   try {
     // 100 real cars, their fixes taken 3 s ago, spread over the default area (52.35, 4.86, 4 km).
@@ -332,6 +332,58 @@ test('ingest: posted cars appear on the page at their positions with their fix a
     await page.screenshot({ path: join(ARTIFACTS, 'ingest.png') });
   } finally {
     await context.close();
+    await stopServer(server);
+  }
+});
+
+test('subscriber token: ?token= goes live over WebTransport; without one the page shows the refusal', async () => {
+  const secret = 'browser-test-secret-0123456789abcdef';
+  const server = await startServer({ extra: ['--subscribe-secret', secret] });
+  const token = execFileSync(BIN, ['token', '--secret', secret, '--ttl', '10m']).toString().trim();
+  const refused = 'refused (token missing, invalid or expired?)';
+  try {
+    const ok = await newPage();
+    try {
+      await ok.page.goto(`${server.url}?token=${encodeURIComponent(token)}`);
+      await waitLive(ok.page, 'webtransport', 3, ok.console);
+      await assertCarsDrawn(ok.page);
+      const f = await fleetcast(ok.page);
+      assert.equal(f.tokenRequired, true);
+      assert.equal(f.fallbackReason, null, 'WebTransport itself accepted the token');
+      assert.equal(await ok.page.textContent('#s-token'), 'accepted');
+    } finally {
+      await ok.context.close();
+    }
+
+    const { context, page, console } = await newPage();
+    try {
+      await page.goto(server.url);
+      await page.waitForFunction(
+        (text) => window.fleetcast.tokenStatus === text && window.fleetcast.reconnects >= 2,
+        refused,
+        { timeout: WAIT_MS, polling: 100 },
+      ).catch(async (e) => {
+        throw new Error(`${e.message}\nstate: ${JSON.stringify(await fleetcast(page))}\n` +
+          `console:\n${console.join('\n')}`);
+      });
+      const f = await fleetcast(page);
+      assert.equal(f.connected, false);
+      assert.equal(f.sessions, 0, 'no session ever opened');
+      assert.equal(f.cars, 0);
+      assert.equal(f.ticksReceived, 0, 'no position reached the page');
+      assert.ok(await page.isVisible('#s-token-row'));
+      assert.equal(await page.textContent('#s-token'), refused);
+      assert.match(await page.textContent('#notice'), /requires a subscriber token/);
+      // The server refused it on both transports (the page fell back to the WebSocket).
+      const health = await (await fetch(`http://[::1]:${server.httpPort}/healthz`)).json();
+      assert.ok(health.counters.refused_unauthorized >= 1, JSON.stringify(health.counters));
+      assert.ok(health.counters.ws_refused_unauthorized >= 1, JSON.stringify(health.counters));
+      assert.equal(health.counters.sessions_accepted, 1, 'only the page with the token');
+      await page.screenshot({ path: join(ARTIFACTS, 'token-refused.png') });
+    } finally {
+      await context.close();
+    }
+  } finally {
     await stopServer(server);
   }
 });
