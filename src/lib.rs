@@ -5,11 +5,11 @@
 //! the next tick replaces it. A reliable stream per session carries the initial state.
 //!
 //! Layout:
-//! - [`proto`]: the pure protocol core (wire format, quantisation, packing, apply logic).
+//! - [`proto`]: the pure protocol core, the `fleetcast-proto` crate (wire format,
+//!   quantisation, packing, apply logic) and [`token`], the subscriber tokens (HS256 JWTs).
 //! - [`sim`]: the built-in simulated fleet (pure, stepped by the caller).
 //! - [`fleet`]: the fleet state, where position sources meet the tick loop (pure).
 //! - [`certs`]: self-signed or CA-issued TLS identities.
-//! - [`token`]: subscriber tokens (HS256 JWTs in the session URL), pure.
 //! - [`mint`]: `fleetcast token`, which prints a subscriber token.
 //! - [`server`]: `fleetcast serve`, the async shell around the core.
 //! - [`client`]: the native WebTransport client used by `watch`, the tests and load tools.
@@ -21,10 +21,11 @@ pub mod certs;
 pub mod client;
 pub mod fleet;
 pub mod mint;
-pub mod proto;
 pub mod server;
 pub mod sim;
 pub mod swarm;
-pub mod token;
 pub mod udp;
 pub mod watch;
+
+pub use fleetcast_proto as proto;
+pub use fleetcast_proto::token;

@@ -1,5 +1,5 @@
 // The browser's decoder (web-demo/fleetcast-wire.js) against the golden vectors that the Rust
-// encoder is pinned to (tests/vectors/wire.json), so JavaScript and Rust cannot drift apart.
+// encoder is pinned to (crates/fleetcast-proto/tests/vectors/wire.json), so JavaScript and Rust cannot drift apart.
 // Run: node --test tests/js/wire.test.mjs
 
 import { test } from 'node:test';
@@ -17,7 +17,7 @@ import {
 } from '../../web-demo/fleetcast-wire.js';
 
 const vectors = JSON.parse(
-  readFileSync(fileURLToPath(new URL('../vectors/wire.json', import.meta.url)), 'utf8'),
+  readFileSync(fileURLToPath(new URL('../../crates/fleetcast-proto/tests/vectors/wire.json', import.meta.url)), 'utf8'),
 );
 
 const hex = (s) => Uint8Array.from(s.match(/../g) ?? [], (b) => parseInt(b, 16));

@@ -1,10 +1,10 @@
 //! Property tests: every message round-trips, packing never loses or duplicates a car, and
 //! decoders never panic on arbitrary bytes.
 
-use fleetcast::proto::pack::pack_tick;
-use fleetcast::proto::quant::Quantisation;
-use fleetcast::proto::view::FleetView;
-use fleetcast::proto::wire::{
+use fleetcast_proto::pack::pack_tick;
+use fleetcast_proto::quant::Quantisation;
+use fleetcast_proto::view::FleetView;
+use fleetcast_proto::wire::{
     CarInfo, CarList, CarSample, FrameDecoder, Hello, State, StreamMessage, TickPart,
 };
 use proptest::prelude::*;

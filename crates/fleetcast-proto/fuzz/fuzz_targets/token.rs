@@ -3,7 +3,7 @@
 //! the server's secret may pass.
 #![no_main]
 
-use fleetcast::token::{self, Secret};
+use fleetcast_proto::token::{self, Secret};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

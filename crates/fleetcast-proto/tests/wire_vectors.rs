@@ -6,8 +6,8 @@
 //! against the same file. Regenerate after a deliberate format change with
 //! `FLEETCAST_BLESS=1 cargo test --test wire_vectors` and say so in PROTOCOL.md.
 
-use fleetcast::proto::quant::Quantisation;
-use fleetcast::proto::wire::{
+use fleetcast_proto::quant::Quantisation;
+use fleetcast_proto::wire::{
     CarInfo, CarList, CarSample, FrameDecoder, Hello, State, StreamMessage, TickPart,
 };
 use serde_json::{json, Value};

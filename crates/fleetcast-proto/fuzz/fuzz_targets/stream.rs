@@ -2,7 +2,7 @@
 //! every decoded message re-encodes and decodes to itself.
 #![no_main]
 
-use fleetcast::proto::wire::{FrameDecoder, StreamMessage};
+use fleetcast_proto::wire::{FrameDecoder, StreamMessage};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

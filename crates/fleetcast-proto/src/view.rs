@@ -314,7 +314,7 @@ impl FleetView {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::wire::CarList;
+    use crate::wire::CarList;
 
     fn car(id: u32, x: u16) -> CarSample {
         CarSample {

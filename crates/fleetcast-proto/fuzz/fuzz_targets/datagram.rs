@@ -2,7 +2,7 @@
 //! to a datagram that decodes to the same part.
 #![no_main]
 
-use fleetcast::proto::wire::TickPart;
+use fleetcast_proto::wire::TickPart;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

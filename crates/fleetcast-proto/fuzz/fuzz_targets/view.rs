@@ -4,8 +4,8 @@
 
 use std::collections::HashMap;
 
-use fleetcast::proto::view::FleetView;
-use fleetcast::proto::wire::{FrameDecoder, TickPart};
+use fleetcast_proto::view::FleetView;
+use fleetcast_proto::wire::{FrameDecoder, TickPart};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
