@@ -1049,4 +1049,102 @@ mod tests {
             "a <>&\"' AB &nope; &"
         );
     }
+
+    /// A CSV field as a writer would put it: quoted when it must be.
+    fn csv_field(text: &str) -> String {
+        if text.contains([',', '"', '\n', '\r']) || text.trim() != text {
+            format!("\"{}\"", text.replace('"', "\"\""))
+        } else {
+            text.to_string()
+        }
+    }
+
+    fn xml_escape(text: &str) -> String {
+        text.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+            .replace('"', "&quot;")
+    }
+
+    type Row = (String, f64, f64, Option<String>);
+
+    fn rows() -> impl proptest::strategy::Strategy<Value = Vec<Row>> {
+        use proptest::prelude::*;
+        prop::collection::vec(
+            (
+                "[^\\x00]{1,12}",
+                -90.0..90.0f64,
+                -180.0..180.0f64,
+                proptest::option::of("[^\\x00]{0,12}"),
+            ),
+            0..20,
+        )
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn csv_round_trips_quoted_text_and_numbers(rows in rows()) {
+            let mut text = String::from("id,lat,lon,label\r\n");
+            let mut expected_lines = Vec::new();
+            let mut line = 2;
+            for (id, lat, lon, label) in &rows {
+                let row = format!(
+                    "{},{lat},{lon},{}\r\n",
+                    csv_field(id),
+                    label.as_deref().map(csv_field).unwrap_or_default()
+                );
+                expected_lines.push(line);
+                line += row.matches('\n').count();
+                text.push_str(&row);
+            }
+            let records = read(text.as_bytes(), Format::Csv).unwrap();
+            proptest::prop_assert_eq!(lines(&records), expected_lines);
+            for (r, (id, lat, lon, label)) in records.iter().zip(&rows) {
+                proptest::prop_assert_eq!(&r.fix["id"], id.as_str());
+                proptest::prop_assert_eq!(r.fix["lat"].as_f64(), Some(*lat));
+                proptest::prop_assert_eq!(r.fix["lon"].as_f64(), Some(*lon));
+                let label = label.as_deref().filter(|l| !l.is_empty());
+                proptest::prop_assert_eq!(r.fix.get("label").and_then(Value::as_str), label);
+            }
+        }
+
+        #[test]
+        fn gpx_round_trips_track_names_and_points(rows in rows()) {
+            let mut text = String::from("<gpx>\n");
+            for (id, lat, lon, _) in &rows {
+                text.push_str(&format!(
+                    "<trk><name>{}</name><trkseg>\n<trkpt lat=\"{lat}\" lon=\"{lon}\"/>\n</trkseg></trk>\n",
+                    xml_escape(id)
+                ));
+            }
+            text.push_str("</gpx>\n");
+            let result = read(text.as_bytes(), Format::Gpx);
+            let named: Vec<&Row> = rows.iter().filter(|r| !r.0.trim().is_empty()).collect();
+            if named.len() < rows.len() || rows.is_empty() {
+                proptest::prop_assert!(result.is_err(), "a blank name or no point is an error");
+                return Ok(());
+            }
+            let records = result.unwrap();
+            proptest::prop_assert_eq!(records.len(), rows.len());
+            for (r, (id, lat, lon, _)) in records.iter().zip(&rows) {
+                proptest::prop_assert_eq!(&r.fix["id"], id.trim());
+                proptest::prop_assert_eq!(r.fix["lat"].as_f64(), Some(*lat));
+                proptest::prop_assert_eq!(r.fix["lon"].as_f64(), Some(*lon));
+            }
+        }
+
+        #[test]
+        fn readers_never_panic_on_arbitrary_bytes(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
+            for format in [Format::Ndjson, Format::Csv, Format::Gpx] {
+                let _ = read(&bytes, format);
+            }
+        }
+
+        #[test]
+        fn readers_never_panic_on_markup_like_text(text in "[<>/=\"' a-z!?\\[\\]&;#x0-9,\n\r-]{0,200}") {
+            for format in [Format::Ndjson, Format::Csv, Format::Gpx] {
+                let _ = read(text.as_bytes(), format);
+            }
+        }
+    }
 }
