@@ -122,6 +122,7 @@ pub struct PublishArgs {
     #[arg(long, value_name = "X", value_parser = parse_speed)]
     pub replay_speed: Option<f64>,
 
+    /// Token, batch size, retries and timeout.
     #[command(flatten)]
     pub send: SendArgs,
 

@@ -57,6 +57,7 @@ pub struct SimCommandArgs {
     #[arg(long, value_parser = parse_start_time, requires = "record")]
     pub start_time: Option<u64>,
 
+    /// Token, batch size, retries and timeout.
     #[command(flatten)]
     pub send: SendArgs,
 
