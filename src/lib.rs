@@ -15,12 +15,15 @@
 //! - [`client`]: the native WebTransport client used by `watch`, the tests and load tools.
 //! - [`watch`]: `fleetcast watch`, a client that reports what it receives.
 //! - [`swarm`]: `fleetcast swarm`, a load generator over WebTransport or WebSocket.
+//! - [`publish`]: `fleetcast publish` and `fleetcast sim`: fixes from files or the simulator
+//!   into a server's position ingest.
 //! - [`udp`]: UDP sockets with large kernel buffers.
 
 pub mod certs;
 pub mod client;
 pub mod fleet;
 pub mod mint;
+pub mod publish;
 pub mod server;
 pub mod sim;
 pub mod swarm;

@@ -1,6 +1,7 @@
 //! The `fleetcast` binary: parses arguments, sets up logging, runs one subcommand.
 
 use std::io::IsTerminal;
+use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -9,6 +10,8 @@ use tracing::info;
 use tracing_subscriber::EnvFilter;
 
 use fleetcast::mint::{self, TokenArgs};
+use fleetcast::publish::simulate::{self, SimCommandArgs};
+use fleetcast::publish::{self, Finished, PublishArgs};
 use fleetcast::server::{now_us, ServeArgs, Server, SESSION_PATH};
 use fleetcast::swarm::{self, SwarmArgs};
 use fleetcast::watch::{self, WatchArgs};
@@ -36,11 +39,33 @@ enum Command {
     Swarm(SwarmArgs),
     /// Print a subscriber token for a server started with --subscribe-secret.
     Token(TokenArgs),
+    /// Send recorded fixes (NDJSON, CSV or GPX) to a server's position ingest. Exit status: 0
+    /// all accepted, 1 some rejected, 2 stopped by an error.
+    Publish(PublishArgs),
+    /// Run the simulator outside the server: publish its cars to a server's ingest, or record
+    /// them as NDJSON.
+    Sim(Box<SimCommandArgs>),
 }
 
-fn main() -> Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match cli.threads {
+    // publish and sim keep exit status 1 for "some fixes were rejected".
+    let fatal = match cli.command {
+        Command::Publish(_) | Command::Sim(_) => 2,
+        _ => 1,
+    };
+    let result = runtime(cli.threads).and_then(|rt| rt.block_on(run(cli.command)));
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("Error: {e:?}");
+            ExitCode::from(fatal)
+        }
+    }
+}
+
+fn runtime(threads: Option<usize>) -> Result<tokio::runtime::Runtime> {
+    let runtime = match threads {
         Some(1) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?,
@@ -52,10 +77,10 @@ fn main() -> Result<()> {
             .enable_all()
             .build()?,
     };
-    runtime.block_on(run(cli.command))
+    Ok(runtime)
 }
 
-async fn run(command: Command) -> Result<()> {
+async fn run(command: Command) -> Result<ExitCode> {
     // A process-wide crypto provider, so rustls never has to guess between ring and aws-lc.
     let _ = rustls::crypto::ring::default_provider().install_default();
     tracing_subscriber::fmt()
@@ -66,29 +91,20 @@ async fn run(command: Command) -> Result<()> {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     match command {
-        Command::Serve(args) => serve(*args).await,
+        Command::Serve(args) => serve(*args).await.map(|()| ExitCode::SUCCESS),
         Command::Token(args) => {
             // The token alone on stdout, so `$(fleetcast token ...)` captures exactly it.
             println!("{}", mint::run(&args, now_us() / 1_000_000)?);
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Watch(args) => {
             let json = args.json;
-            let stop = CancellationToken::new();
-            let signal = tokio::spawn(shutdown_signal());
-            tokio::spawn({
-                let stop = stop.clone();
-                async move {
-                    let _ = signal.await;
-                    stop.cancel();
-                }
-            });
-            let report = watch::run(args, stop).await?;
+            let report = watch::run(args, stop_on_signal()).await?;
             print_report(json, &report, || report.summary())?;
             if report.sessions == 0 {
                 anyhow::bail!("never connected");
             }
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Swarm(args) => {
             let json = args.json;
@@ -97,9 +113,50 @@ async fn run(command: Command) -> Result<()> {
             if report.sessions_connected == 0 {
                 anyhow::bail!("no session connected");
             }
-            Ok(())
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Publish(args) => {
+            let json = args.json;
+            let finished = publish::run(args, stop_on_signal()).await?;
+            finish_publishing(json, finished)
+        }
+        Command::Sim(args) => {
+            let json = args.json;
+            match simulate::run(*args, stop_on_signal()).await? {
+                Some(finished) => finish_publishing(json, finished),
+                None => Ok(ExitCode::SUCCESS),
+            }
         }
     }
+}
+
+/// A token cancelled on Ctrl-C or SIGTERM.
+fn stop_on_signal() -> CancellationToken {
+    let stop = CancellationToken::new();
+    let signal = tokio::spawn(shutdown_signal());
+    tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let _ = signal.await;
+            stop.cancel();
+        }
+    });
+    stop
+}
+
+/// Prints a publishing summary; exit status 0 if every fix was accepted, 1 if some were
+/// rejected, an error (status 2) if the run stopped early.
+fn finish_publishing(json: bool, finished: Finished) -> Result<ExitCode> {
+    let summary = &finished.summary;
+    print_report(json, summary, || summary.text())?;
+    if let Some(e) = finished.error {
+        return Err(e);
+    }
+    Ok(if summary.rejected > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 /// Prints a report on stdout: one JSON object, or the human summary.

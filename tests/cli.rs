@@ -1,87 +1,11 @@
 //! The binary as a user runs it: `fleetcast serve` and `fleetcast watch --json` as processes.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+mod common;
+
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_fleetcast");
-
-/// A `fleetcast serve` process, killed on drop if still running.
-struct Serve {
-    child: Child,
-    wt_port: u16,
-    http_port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn port_after(line: &str, marker: &str) -> Option<u16> {
-    let rest = &line[line.find(marker)? + marker.len()..];
-    rest.split(|c: char| !c.is_ascii_digit())
-        .next()?
-        .parse()
-        .ok()
-}
-
-fn serve(extra: &[&str]) -> Serve {
-    serve_in(tempfile::tempdir().unwrap(), extra, false)
-}
-
-/// Starts `fleetcast serve` with its certificates in `dir`; with `expect_reuse` it fails if
-/// the server generates a new certificate instead of reusing the one in `dir`.
-fn serve_in(dir: tempfile::TempDir, extra: &[&str], expect_reuse: bool) -> Serve {
-    let mut child = Command::new(BIN)
-        .args([
-            "serve",
-            "--wt-listen",
-            "[::]:0",
-            "--http-listen",
-            "[::]:0",
-            "--cert-dir",
-        ])
-        .arg(dir.path())
-        .args(extra)
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("fleetcast serve starts");
-    let (tx, rx) = mpsc::channel::<String>();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let (mut wt, mut http) = (None, None);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while wt.is_none() || http.is_none() {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("server printed its URLs");
-        assert!(
-            !(expect_reuse && line.contains("generated")),
-            "certificate regenerated: {line}"
-        );
-        wt = wt.or_else(|| port_after(&line, "session URL:  https://localhost:"));
-        http = http.or_else(|| port_after(&line, "web demo:     http://localhost:"));
-    }
-    // Keep draining the log so the server never blocks on a full pipe.
-    std::thread::spawn(move || while rx.recv().is_ok() {});
-    Serve {
-        child,
-        wt_port: wt.unwrap(),
-        http_port: http.unwrap(),
-        _dir: dir,
-    }
-}
+use common::process::{serve, serve_in, Serve, BIN};
 
 #[test]
 fn watch_json_reports_the_whole_fleet_and_every_tick() {
@@ -151,7 +75,7 @@ fn sigterm_shuts_down_cleanly_and_the_certificate_is_reused() {
     };
     assert!(exit.success(), "{exit:?}");
     // A restart with the same certificate directory serves the same certificate.
-    let dir = std::mem::replace(&mut server._dir, tempfile::tempdir().unwrap());
+    let dir = std::mem::replace(&mut server.dir, tempfile::tempdir().unwrap());
     drop(server);
     let again = serve_in(dir, &[], true);
     let second = fetch(&format!(
