@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use clap::Args;
 
-use crate::server::config::{parse_duration, read_secret_file, SecretParser};
+use crate::server::config::{parse_duration, read_secret_file, QuietParser};
 use crate::token::{self, Claims, Secret};
 
 /// `fleetcast token` options.
@@ -14,7 +14,7 @@ use crate::token::{self, Claims, Secret};
 pub struct TokenArgs {
     /// The server's --subscribe-secret (at least 32 bytes).
     #[arg(long, env = "FLEETCAST_SUBSCRIBE_SECRET", hide_env_values = true,
-          value_parser = SecretParser)]
+          value_parser = QuietParser::<Secret>::new())]
     pub secret: Option<Secret>,
 
     /// Read the secret from the first line of this file instead (wins over --secret).

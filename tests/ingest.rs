@@ -635,7 +635,9 @@ async fn streaming_publisher_gets_one_reply_per_batch_in_order() {
 
 #[tokio::test]
 async fn ingest_is_off_with_the_simulator_and_sim_cars_belong_to_it() {
-    let sim = TestServer::start(|_| {}).await;
+    // A publisher token without --feed ingest (say, exported for `fleetcast publish`) does not
+    // turn ingest on.
+    let sim = TestServer::start(|a| a.ingest.publish_token = vec![PublishToken::new(TOKEN)]).await;
     let r = request(
         &sim,
         reqwest::Method::POST,

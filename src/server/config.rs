@@ -165,7 +165,7 @@ pub struct ServeArgs {
     /// bytes) on both transports; without one (and without --subscribe-secret-file) no token is
     /// needed. Mint tokens with `fleetcast token`.
     #[arg(long, env = "FLEETCAST_SUBSCRIBE_SECRET", hide_env_values = true,
-          value_parser = SecretParser)]
+          value_parser = QuietParser::<Secret>::new())]
     pub subscribe_secret: Option<Secret>,
 
     /// Like --subscribe-secret, with the secret on the first line of this file (trimmed); wins
@@ -193,11 +193,14 @@ impl ServeArgs {
                         FLEETCAST_PUBLISH_TOKEN, or --publish-token-file)"
                 .into());
         }
-        if !ingest && !tokens.is_empty() {
-            return Err("--publish-token is given but --feed has no ingest".into());
-        }
         if self.feed.contains(&Feed::Sim) && self.sim.churn_ticks > 0 && self.sim.cars == 0 {
             return Err("--churn-ticks needs at least one simulated car (--cars)".into());
+        }
+        if !ingest && !tokens.is_empty() {
+            // FLEETCAST_PUBLISH_TOKEN may be exported for `fleetcast publish` on this machine:
+            // not an error, but ingest stays off.
+            tracing::warn!("publisher tokens given, but --feed has no ingest: ingest is off");
+            return Ok((area, Vec::new()));
         }
         Ok((area, tokens))
     }
@@ -400,7 +403,8 @@ impl std::str::FromStr for PublishToken {
 pub struct IngestArgs {
     /// A token publishers send as `Authorization: Bearer TOKEN` (repeatable; at least 16
     /// characters). Each token has its own rate limit.
-    #[arg(long, env = "FLEETCAST_PUBLISH_TOKEN", value_delimiter = ',')]
+    #[arg(long, env = "FLEETCAST_PUBLISH_TOKEN", value_delimiter = ',', hide_env_values = true,
+          value_parser = QuietParser::<PublishToken>::new())]
     pub publish_token: Vec<PublishToken>,
 
     /// A file of publisher tokens, one per line (blank lines and `#` comments skipped).
@@ -451,26 +455,49 @@ impl IngestArgs {
     }
 }
 
-/// Parses a secret option. Unlike clap's own parsers, its errors never quote the value: even a
-/// rejected secret must not reach a terminal or a log.
-#[derive(Debug, Clone, Copy)]
-pub struct SecretParser;
+/// Parses a secret option (a signing secret, a token). Unlike clap's own parsers, its errors
+/// never quote the value: even a rejected secret must not reach a terminal or a log.
+#[derive(Debug)]
+pub struct QuietParser<T>(std::marker::PhantomData<fn() -> T>);
 
-impl clap::builder::TypedValueParser for SecretParser {
-    type Value = Secret;
+impl<T> QuietParser<T> {
+    /// A parser for `T`.
+    pub fn new() -> Self {
+        Self(std::marker::PhantomData)
+    }
+}
+
+impl<T> Default for QuietParser<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T> Clone for QuietParser<T> {
+    fn clone(&self) -> Self {
+        Self::new()
+    }
+}
+
+impl<T> clap::builder::TypedValueParser for QuietParser<T>
+where
+    T: std::str::FromStr + Clone + Send + Sync + 'static,
+    T::Err: std::fmt::Display,
+{
+    type Value = T;
 
     fn parse_ref(
         &self,
         cmd: &clap::Command,
         arg: Option<&clap::Arg>,
         value: &std::ffi::OsStr,
-    ) -> Result<Secret, clap::Error> {
+    ) -> Result<T, clap::Error> {
         use clap::error::{Error, ErrorKind};
         let name = arg.map_or_else(|| "the secret".to_string(), |a| a.to_string());
         let text = value.to_str().ok_or_else(|| {
             Error::raw(ErrorKind::InvalidUtf8, format!("{name} is not UTF-8\n")).with_cmd(cmd)
         })?;
-        Secret::parse(text).map_err(|e| {
+        text.parse::<T>().map_err(|e| {
             Error::raw(ErrorKind::ValueValidation, format!("{name}: {e}\n")).with_cmd(cmd)
         })
     }

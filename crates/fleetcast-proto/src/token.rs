@@ -70,6 +70,13 @@ impl Secret {
     }
 }
 
+impl std::str::FromStr for Secret {
+    type Err = SecretError;
+    fn from_str(s: &str) -> Result<Self, SecretError> {
+        Self::parse(s)
+    }
+}
+
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("\"<redacted>\"")
