@@ -159,6 +159,27 @@ fn publish_the_track_as_fast_as_allowed_and_the_server_holds_every_car_at_its_la
         assert_eq!(held[id]["time"], fix["time"], "recorded times kept: {id}");
         assert_eq!(held[id]["heading_deg"], fix["heading_deg"], "{id}");
     }
+
+    // `fleetcast watch` sees the published cars: in its initial state once a tick has passed.
+    let mut report = Value::Null;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        let out = Command::new(BIN)
+            .args(["watch", "--duration", "2s", "--json", "--url"])
+            .arg(format!("https://localhost:{}/positions", server.wt_port))
+            .arg("--cert-hash-url")
+            .arg(format!("{}/certificate.sha256", server.http_url()))
+            .output()
+            .expect("watch runs");
+        assert!(out.status.success(), "{}", stderr(&out));
+        report = serde_json::from_slice(&out.stdout).expect("one JSON object");
+        if report["initial_cars"] == 10 {
+            break;
+        }
+    }
+    assert_eq!(report["initial_cars"], 10, "{report}");
+    assert_eq!(report["cars"], 10, "{report}");
+    assert!(report["ticks_received"].as_u64().unwrap() >= 1, "{report}");
 }
 
 #[test]
