@@ -77,6 +77,11 @@ async fn post_json(ts: &TestServer, token: &str, body: &Value) -> Reply {
     .await
 }
 
+async fn delete(ts: &TestServer, id: &str, token: Option<&str>) -> Reply {
+    let path = format!("/v1/cars/{id}");
+    request(ts, reqwest::Method::DELETE, &path, token, None, "").await
+}
+
 async fn cars(ts: &TestServer) -> Vec<Value> {
     let r = request(ts, reqwest::Method::GET, "/v1/cars", Some(TOKEN), None, "").await;
     assert_eq!(r.status, 200, "{}", r.body);
@@ -422,36 +427,12 @@ async fn cars_leave_on_delete_and_after_car_timeout_and_sessions_see_them_go() {
     };
     assert!(follow(&mut session, &mut view, WAIT, |v, _| v.cars().len() == 3).await);
 
-    let r = request(
-        &ts,
-        reqwest::Method::DELETE,
-        "/v1/cars/deleted",
-        Some(TOKEN),
-        None,
-        "",
-    )
-    .await;
+    let r = delete(&ts, "deleted", Some(TOKEN)).await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["removed"], "deleted");
-    let r = request(
-        &ts,
-        reqwest::Method::DELETE,
-        "/v1/cars/deleted",
-        Some(TOKEN),
-        None,
-        "",
-    )
-    .await;
+    let r = delete(&ts, "deleted", Some(TOKEN)).await;
     assert_eq!(r.status, 404, "{}", r.body);
-    let r = request(
-        &ts,
-        reqwest::Method::DELETE,
-        "/v1/cars/chatty",
-        None,
-        None,
-        "",
-    )
-    .await;
+    let r = delete(&ts, "chatty", None).await;
     assert_eq!(r.status, 401);
     assert!(
         follow(&mut session, &mut view, WAIT, |v, _| labels(v)
@@ -673,15 +654,7 @@ async fn ingest_is_off_with_the_simulator_and_sim_cars_belong_to_it() {
         .as_str()
         .unwrap()
         .contains("belongs to the simulator"));
-    let r = request(
-        &both,
-        reqwest::Method::DELETE,
-        "/v1/cars/FC-0002",
-        Some(TOKEN),
-        None,
-        "",
-    )
-    .await;
+    let r = delete(&both, "FC-0002", Some(TOKEN)).await;
     assert_eq!(r.status, 409);
     let (_ep, mut session) = both.open().await;
     let mut view = initial_state(&mut session).await;
