@@ -517,8 +517,8 @@ pub fn allowed_origins(extra: &[String], http_port: u16) -> Vec<String> {
         .iter()
         .flat_map(|host| {
             [
-                format!("http://{host}:{http_port}"),
-                format!("https://{host}:{http_port}"),
+                normalise_origin(&format!("http://{host}:{http_port}")),
+                normalise_origin(&format!("https://{host}:{http_port}")),
             ]
         })
         .collect();
@@ -526,9 +526,21 @@ pub fn allowed_origins(extra: &[String], http_port: u16) -> Vec<String> {
     out
 }
 
-/// Lowercase, without a trailing slash.
+/// Lowercase, without a trailing slash, and without the scheme's default port (browsers omit
+/// `:443` for https and `:80` for http in the Origin header).
 pub fn normalise_origin(origin: &str) -> String {
-    origin.trim().trim_end_matches('/').to_ascii_lowercase()
+    let o = origin.trim().trim_end_matches('/').to_ascii_lowercase();
+    let default_port = if o.starts_with("https://") {
+        ":443"
+    } else if o.starts_with("http://") {
+        ":80"
+    } else {
+        return o;
+    };
+    match o.strip_suffix(default_port) {
+        Some(bare) => bare.to_string(),
+        None => o,
+    }
 }
 
 /// Whether a session request with this Origin header may open.
@@ -575,5 +587,26 @@ mod tests {
         assert!(!origin_allowed(&allowed, Some("https://evil.example")));
         let any = allowed_origins(&["*".into()], 8080);
         assert!(origin_allowed(&any, Some("https://evil.example")));
+    }
+
+    #[test]
+    fn origin_default_ports_match_origins_without_them() {
+        // Browsers omit :443 and :80 from Origin: the server's own page on 443 must match.
+        let own = allowed_origins(&[], 443);
+        assert!(origin_allowed(&own, Some("https://localhost")));
+        assert!(!origin_allowed(&own, Some("http://localhost")));
+        let own = allowed_origins(&[], 80);
+        assert!(origin_allowed(&own, Some("http://[::1]")));
+        let extra = allowed_origins(
+            &[
+                "https://fleet.example:443".into(),
+                "http://map.example".into(),
+            ],
+            8080,
+        );
+        assert!(origin_allowed(&extra, Some("https://fleet.example")));
+        assert!(origin_allowed(&extra, Some("http://map.example:80")));
+        assert!(!origin_allowed(&extra, Some("https://fleet.example:4430")));
+        assert!(!origin_allowed(&extra, Some("http://fleet.example")));
     }
 }
