@@ -123,6 +123,29 @@ pub struct ServeArgs {
     #[arg(long, env = "FLEETCAST_MAX_SESSIONS", default_value_t = 50_000)]
     pub max_sessions: usize,
 
+    /// Most sessions (both transports) one client address may hold; more get 429. An IPv6
+    /// client counts by its /64. Raise it when many screens share one NAT address.
+    #[arg(long, env = "FLEETCAST_MAX_SESSIONS_PER_IP", default_value_t = 1000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_sessions_per_ip: u32,
+
+    /// QUIC handshakes one client address may start per second (bursts of one second's worth);
+    /// more are refused, or asked to validate their address first.
+    #[arg(long, env = "FLEETCAST_HANDSHAKES_PER_IP", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub handshakes_per_ip: u32,
+
+    /// Apply the per-address limits to loopback clients too (off: local tools and a reverse
+    /// proxy on this machine all come from loopback).
+    #[arg(long, env = "FLEETCAST_LIMIT_LOOPBACK")]
+    pub limit_loopback: bool,
+
+    /// With more handshakes than this in progress, a new client must first prove its address
+    /// with a QUIC Retry (one extra round trip), so spoofed sources cost no handshake work.
+    /// 0: always.
+    #[arg(long, env = "FLEETCAST_VALIDATE_ABOVE", default_value_t = 1024)]
+    pub validate_above: usize,
+
     /// Most QUIC handshakes in progress at once; further connection attempts are refused.
     #[arg(long, env = "FLEETCAST_MAX_HANDSHAKES", default_value_t = 4096)]
     pub max_handshakes: usize,

@@ -28,6 +28,7 @@ use subtle::ConstantTimeEq;
 use tracing::{debug, info, Instrument};
 
 use super::config::PublishToken;
+use super::rate::Bucket;
 use super::ws::WsState;
 use super::{now_us, Shared, Stats};
 use crate::fleet::{fix_from_json, format_time, Source};
@@ -55,30 +56,6 @@ impl Publisher {
         Self {
             digest: Sha256::digest(token.expose().as_bytes()).into(),
             bucket: Mutex::new(Bucket::default()),
-        }
-    }
-}
-
-/// A token bucket: `rate` per second, holding at most one second's worth.
-#[derive(Debug, Default)]
-struct Bucket {
-    tokens: f64,
-    at: Option<Instant>,
-}
-
-impl Bucket {
-    /// Takes one token, or says how long until one is there.
-    fn take(&mut self, rate: f64, now: Instant) -> Result<(), Duration> {
-        let elapsed = self
-            .at
-            .map_or(1.0, |at| now.duration_since(at).as_secs_f64());
-        self.tokens = (self.tokens + elapsed * rate).min(rate.max(1.0));
-        self.at = Some(now);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            Ok(())
-        } else {
-            Err(Duration::from_secs_f64((1.0 - self.tokens) / rate))
         }
     }
 }
@@ -635,18 +612,6 @@ mod tests {
         let items = parse_batch(b"\n{\"id\":\"a\"}\n  \n{\"id\":\"b\"}", Format::Ndjson).unwrap();
         let lines: Vec<_> = items.iter().map(|i| i.line).collect();
         assert_eq!(lines, vec![Some(2), Some(4)]);
-    }
-
-    #[test]
-    fn bucket_allows_one_second_burst_then_paces() {
-        let mut b = Bucket::default();
-        let t = Instant::now();
-        for _ in 0..10 {
-            assert!(b.take(10.0, t).is_ok());
-        }
-        let wait = b.take(10.0, t).unwrap_err();
-        assert!(wait > Duration::from_millis(90) && wait <= Duration::from_millis(100));
-        assert!(b.take(10.0, t + Duration::from_millis(100)).is_ok());
     }
 
     #[test]

@@ -78,10 +78,17 @@ pub(crate) fn render(shared: &Shared) -> String {
             ("webtransport", "unauthorized", get(&s.refused_unauthorized)),
             ("webtransport", "full", get(&s.refused_full)),
             ("webtransport", "handshakes_busy", get(&s.refused_busy)),
+            ("webtransport", "per_ip", get(&s.refused_per_ip)),
+            (
+                "webtransport",
+                "handshake_rate",
+                get(&s.refused_handshake_rate),
+            ),
             ("webtransport", "handshake_failed", get(&s.handshake_failed)),
             ("websocket", "forbidden", get(&s.ws_refused_forbidden)),
             ("websocket", "unauthorized", get(&s.ws_refused_unauthorized)),
             ("websocket", "full", get(&s.ws_refused_full)),
+            ("websocket", "per_ip", get(&s.ws_refused_per_ip)),
         ],
     );
     o.by_transport_and_reason(

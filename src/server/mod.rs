@@ -7,6 +7,7 @@
 //!   simulator and the publishers), encodes each tick once, fans it out.
 //! - `ingest`: position publishers: `POST /v1/positions`, `/v1/publish.ws`, `/v1/cars`.
 //! - `session`: one task per WebTransport session: initial state, roster events, close codes.
+//! - `admission`: session slots, per-address limits and handshake pacing for both transports.
 //! - `http`: certificate hash, health, road network, page config and the web demo over HTTP.
 //! - `ws`: the WebSocket fallback on the HTTP port: the same frames and datagram payloads.
 //!
@@ -14,12 +15,14 @@
 //! accept loop stops first, sessions say goodbye and close with [`CloseCode::GoingAway`], and the
 //! endpoint closes once they are gone or the shutdown timeout passes.
 
+mod admission;
 pub mod config;
 mod feed;
 mod http;
 mod ingest;
 mod metrics;
 mod net;
+mod rate;
 mod session;
 mod stats;
 mod ws;
@@ -98,6 +101,8 @@ pub(crate) struct Shared {
     pub members: Mutex<HashMap<u64, Member>>,
     pub stats: Stats,
     pub sessions: AtomicUsize,
+    /// Per-address session counts and handshake rates.
+    pub admission: admission::Admission,
     pub next_session: AtomicU64,
     pub allowed_origins: Vec<String>,
     pub cert_hash: Option<String>,
@@ -230,6 +235,7 @@ impl Server {
             members: Mutex::new(HashMap::new()),
             stats: Stats::default(),
             sessions: AtomicUsize::new(0),
+            admission: admission::Admission::default(),
             next_session: AtomicU64::new(1),
             allowed_origins,
             cert_hash: identity.hash_hex.clone(),

@@ -15,6 +15,7 @@ use wtransport::endpoint::SessionRequest;
 use wtransport::error::{ConnectionError, StreamOpeningError, StreamWriteError};
 use wtransport::{Connection, SendStream, VarInt};
 
+use super::admission::Refusal;
 use super::config::origin_allowed;
 use super::stats::GaugeGuard;
 use super::{now_us, Member, ServerEndpoint, Shared, Stats, SESSION_PATH};
@@ -49,13 +50,36 @@ pub(crate) async fn accept_loop(
     tracker: &TaskTracker,
     token: &CancellationToken,
 ) {
-    let handshakes = Arc::new(Semaphore::new(shared.args.max_handshakes.max(1)));
+    let max_handshakes = shared.args.max_handshakes.max(1);
+    let handshakes = Arc::new(Semaphore::new(max_handshakes));
     loop {
         let incoming = tokio::select! {
             biased;
             _ = token.cancelled() => break,
             incoming = endpoint.accept() => incoming,
         };
+        let remote = incoming.remote_address();
+        let validated = incoming.remote_address_validated();
+        let in_flight = max_handshakes - handshakes.available_permits();
+        if !validated && in_flight >= shared.args.validate_above {
+            // Many handshakes at once: make the client prove its address first (a Retry costs
+            // us one stateless packet), so spoofed sources cannot take handshake slots.
+            Stats::inc(&shared.stats.handshakes_retried);
+            incoming.retry();
+            continue;
+        }
+        if !shared.handshake_allowed(remote.ip(), std::time::Instant::now()) {
+            if validated {
+                Stats::inc(&shared.stats.refused_handshake_rate);
+                debug!(%remote, "refused: --handshakes-per-ip exceeded");
+                incoming.refuse();
+            } else {
+                // The source may be spoofed to get a victim refused: ask it to validate.
+                Stats::inc(&shared.stats.handshakes_retried);
+                incoming.retry();
+            }
+            continue;
+        }
         let Ok(permit) = handshakes.clone().try_acquire_owned() else {
             Stats::inc(&shared.stats.refused_busy);
             incoming.refuse();
@@ -64,7 +88,6 @@ pub(crate) async fn accept_loop(
         let shared = shared.clone();
         let token = token.clone();
         tracker.spawn(async move {
-            let remote = incoming.remote_address();
             // One limit covers the QUIC handshake, HTTP/3 settings and the CONNECT request.
             let request = tokio::select! {
                 _ = token.cancelled() => return,
@@ -85,14 +108,6 @@ pub(crate) async fn accept_loop(
         });
     }
     debug!("accept loop stopped");
-}
-
-/// Gives back a session slot when the session ends, however it ends.
-struct Slot<'a>(&'a Shared);
-impl Drop for Slot<'_> {
-    fn drop(&mut self) {
-        self.0.sessions.fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 /// Removes the session from the datagram fan-out when it ends, and counts the datagrams QUIC
@@ -148,14 +163,18 @@ async fn handle(request: SessionRequest, shared: Arc<Shared>, token: Cancellatio
             }
         }
     }
-    if shared.sessions.fetch_add(1, Ordering::Relaxed) >= shared.args.max_sessions {
-        shared.sessions.fetch_sub(1, Ordering::Relaxed);
-        Stats::inc(&shared.stats.refused_full);
-        debug!(%remote, "refused: --max-sessions reached (429)");
-        request.too_many_requests().await;
-        return;
-    }
-    let _slot = Slot(&shared);
+    let _slot = match shared.admit(remote.ip()) {
+        Ok(slot) => slot,
+        Err(refusal) => {
+            match refusal {
+                Refusal::Full => Stats::inc(&shared.stats.refused_full),
+                Refusal::PerAddress => Stats::inc(&shared.stats.refused_per_ip),
+            }
+            debug!(%remote, ?refusal, "refused (429)");
+            request.too_many_requests().await;
+            return;
+        }
+    };
     let conn = match request.accept().await {
         Ok(conn) => conn,
         Err(e) => {

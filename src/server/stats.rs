@@ -47,6 +47,15 @@ counters! {
     refused_full,
     /// Connection attempts refused because --max-handshakes were in progress.
     refused_busy,
+    /// Sessions refused with 429 because their address holds --max-sessions-per-ip.
+    refused_per_ip,
+    /// Connection attempts refused because their address exceeded --handshakes-per-ip.
+    refused_handshake_rate,
+    /// Connection attempts answered with a QUIC Retry (address validation) before any
+    /// handshake work.
+    handshakes_retried,
+    /// WebSocket upgrades refused with 429 because their address holds --max-sessions-per-ip.
+    ws_refused_per_ip,
     /// Handshakes that failed or did not send CONNECT within --handshake-timeout.
     handshake_failed,
     /// Sessions closed for sending what protocol v1 forbids.

@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, trace, Instrument};
 
+use super::admission::{Refusal, SessionSlot};
 use super::config::origin_allowed;
 use super::{now_us, Shared, Stats};
 use crate::proto::wire::{CloseCode, StreamMessage};
@@ -80,14 +81,6 @@ enum WsEnd {
     Shutdown,
 }
 
-/// Gives back a session slot when the session ends, however it ends.
-struct Slot(Arc<Shared>);
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.sessions.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 /// `GET /positions.ws`: checks origin, subscriber token and capacity, then upgrades.
 pub(crate) async fn upgrade(
     State(state): State<WsState>,
@@ -127,13 +120,21 @@ pub(crate) async fn upgrade(
     if state.token.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "server shutting down\n").into_response();
     }
-    if shared.sessions.fetch_add(1, Ordering::Relaxed) >= shared.args.max_sessions {
-        shared.sessions.fetch_sub(1, Ordering::Relaxed);
-        Stats::inc(&shared.stats.ws_refused_full);
-        debug!(%remote, "websocket refused: --max-sessions reached (429)");
-        return (StatusCode::TOO_MANY_REQUESTS, "too many sessions\n").into_response();
-    }
-    let slot = Slot(shared.clone());
+    let slot = match shared.admit(remote.ip()) {
+        Ok(slot) => slot,
+        Err(refusal) => {
+            let (counter, why) = match refusal {
+                Refusal::Full => (&shared.stats.ws_refused_full, "too many sessions\n"),
+                Refusal::PerAddress => (
+                    &shared.stats.ws_refused_per_ip,
+                    "too many sessions from this address\n",
+                ),
+            };
+            Stats::inc(counter);
+            debug!(%remote, ?refusal, "websocket refused (429)");
+            return (StatusCode::TOO_MANY_REQUESTS, why).into_response();
+        }
+    };
     let tasks = state.tasks.clone();
     ws.max_message_size(MAX_CLIENT_MESSAGE)
         .max_frame_size(MAX_CLIENT_MESSAGE)
@@ -141,7 +142,7 @@ pub(crate) async fn upgrade(
 }
 
 /// Runs one session to its end and logs how it ended, once.
-async fn handle(socket: WebSocket, state: WsState, remote: SocketAddr, slot: Slot) {
+async fn handle(socket: WebSocket, state: WsState, remote: SocketAddr, slot: SessionSlot) {
     let shared = state.shared;
     Stats::inc(&shared.stats.ws_sessions_accepted);
     let id = shared.next_session.fetch_add(1, Ordering::Relaxed);
