@@ -146,3 +146,47 @@ async fn address_validation_with_retry_still_opens_sessions() {
     }
     assert_eq!(ts.counter("sessions_accepted"), 3);
 }
+
+#[tokio::test]
+async fn an_upper_case_header_name_is_a_malformed_request_not_a_missing_origin() {
+    // HTTP/3 requires lower-case field names (RFC 9114 §4.2). An `Origin` header spelt with a
+    // capital must not slip past the origin check as "no Origin header".
+    let ts = TestServer::start(|_| {}).await;
+    let endpoint = ts.endpoint();
+    let options = wtransport::endpoint::ConnectOptions::builder(ts.url())
+        .add_header("Origin", "https://evil.example")
+        .build();
+    match endpoint.connect(options).await {
+        Err(wtransport::error::ConnectingError::SessionRejected { status }) => {
+            assert_eq!(status, Some(400));
+        }
+        Err(e) => panic!("expected a 400 refusal, got {e}"),
+        Ok(_) => panic!("a request with an upper-case header name opened a session"),
+    }
+    assert_eq!(ts.counter("refused_malformed"), 1);
+    assert_eq!(ts.counter("sessions_accepted"), 0);
+}
+
+#[tokio::test]
+async fn a_malformed_sec_websocket_key_gets_400_not_101() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ts = TestServer::start(|_| {}).await;
+    for key in ["not base64!", "c2hvcnQ=", ""] {
+        let mut tcp = tokio::net::TcpStream::connect(ts.server.http_addr)
+            .await
+            .unwrap();
+        let request = format!(
+            "GET /positions.ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n\r\n"
+        );
+        tcp.write_all(request.as_bytes()).await.unwrap();
+        let mut head = vec![0; 64];
+        let n = tokio::time::timeout(WAIT, tcp.read(&mut head))
+            .await
+            .unwrap()
+            .unwrap();
+        let status = String::from_utf8_lossy(&head[..n]);
+        assert!(status.starts_with("HTTP/1.1 400"), "key {key:?}: {status}");
+    }
+    assert_eq!(ts.counter("ws_sessions_accepted"), 0);
+}

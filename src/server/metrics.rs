@@ -73,6 +73,7 @@ pub(crate) fn render(shared: &Shared) -> String {
         "fleetcast_sessions_refused_total",
         "Session attempts refused, by transport and reason.",
         &[
+            ("webtransport", "malformed", get(&s.refused_malformed)),
             ("webtransport", "not_found", get(&s.refused_not_found)),
             ("webtransport", "forbidden", get(&s.refused_forbidden)),
             ("webtransport", "unauthorized", get(&s.refused_unauthorized)),
@@ -85,6 +86,7 @@ pub(crate) fn render(shared: &Shared) -> String {
                 get(&s.refused_handshake_rate),
             ),
             ("webtransport", "handshake_failed", get(&s.handshake_failed)),
+            ("websocket", "malformed", get(&s.ws_refused_malformed)),
             ("websocket", "forbidden", get(&s.ws_refused_forbidden)),
             ("websocket", "unauthorized", get(&s.ws_refused_unauthorized)),
             ("websocket", "full", get(&s.ws_refused_full)),

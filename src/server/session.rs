@@ -139,6 +139,18 @@ async fn handle(request: SessionRequest, shared: Arc<Shared>, token: Cancellatio
         Some((path, query)) => (path, Some(query)),
         None => (request.path(), None),
     };
+    if let Some(name) = request
+        .headers()
+        .keys()
+        .find(|k| k.bytes().any(|b| b.is_ascii_uppercase()))
+    {
+        // HTTP/3 field names are lower-case (RFC 9114 §4.2): such a request is malformed, and
+        // an `Origin` spelt otherwise must not pass as a request without one.
+        Stats::inc(&shared.stats.refused_malformed);
+        debug!(%remote, header = %name, "refused: upper-case header name (400)");
+        request.reject_with_status(400).await;
+        return;
+    }
     if path != SESSION_PATH {
         Stats::inc(&shared.stats.refused_not_found);
         debug!(%remote, path, "refused: 404"); // without the query: it may hold a token

@@ -37,6 +37,10 @@ counters! {
     ticks,
     /// WebTransport sessions accepted.
     sessions_accepted,
+    /// Session requests refused with 400 (malformed: an upper-case header name).
+    refused_malformed,
+    /// WebSocket upgrades refused with 400 (a malformed Sec-WebSocket-Key).
+    ws_refused_malformed,
     /// Sessions refused with 404 (wrong path).
     refused_not_found,
     /// Sessions refused with 403 (origin not allowed).

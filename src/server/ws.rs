@@ -90,6 +90,15 @@ pub(crate) async fn upgrade(
     ws: WebSocketUpgrade,
 ) -> Response {
     let shared = &state.shared;
+    if !valid_websocket_key(&headers) {
+        Stats::inc(&shared.stats.ws_refused_malformed);
+        debug!(%remote, "websocket refused: malformed Sec-WebSocket-Key (400)");
+        return (
+            StatusCode::BAD_REQUEST,
+            "Sec-WebSocket-Key must be 16 bytes in base64 (RFC 6455 4.1)\n",
+        )
+            .into_response();
+    }
     // A header that is not text cannot match any allowed origin.
     let origin = headers
         .get(header::ORIGIN)
@@ -172,6 +181,20 @@ async fn handle(socket: WebSocket, state: WsState, remote: SocketAddr, slot: Ses
     }
     .instrument(span)
     .await;
+}
+
+/// Whether the request's `Sec-WebSocket-Key` is a base64-encoded 16-byte value, as RFC 6455
+/// §4.1 requires (the upgrade extractor only checks that the header exists).
+fn valid_websocket_key(headers: &HeaderMap) -> bool {
+    use base64::Engine;
+    headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .and_then(|k| {
+            base64::engine::general_purpose::STANDARD
+                .decode(k.as_bytes())
+                .ok()
+        })
+        .is_some_and(|key| key.len() == 16)
 }
 
 /// A stream-channel message holding `frames` (whole frames).
@@ -342,6 +365,19 @@ mod tests {
         let cut = close_reason(&long);
         assert!(cut.len() <= 123);
         assert_eq!(cut.len() % 2, 0);
+    }
+
+    #[test]
+    fn websocket_key_must_be_sixteen_bytes_of_base64() {
+        let with = |k: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::SEC_WEBSOCKET_KEY, k.parse().unwrap());
+            valid_websocket_key(&h)
+        };
+        assert!(with("dGhlIHNhbXBsZSBub25jZQ=="), "the RFC's example key");
+        assert!(!with("c2hvcnQ="));
+        assert!(!with("not base64!"));
+        assert!(!valid_websocket_key(&HeaderMap::new()));
     }
 
     #[test]
