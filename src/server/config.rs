@@ -184,6 +184,17 @@ pub struct ServeArgs {
           value_parser = parse_bytes)]
     pub datagram_recv_buffer: usize,
 
+    /// Read buffer of each WebSocket session (clients send at most 4 KiB messages in v1; the
+    /// library's default, 128 KiB, made every idle session cost ~130 KB).
+    #[arg(long, env = "FLEETCAST_WS_READ_BUFFER", default_value = "4KiB",
+          value_parser = parse_bytes)]
+    pub ws_read_buffer: usize,
+
+    /// Write buffer of each WebSocket session before it writes to the socket (every message is
+    /// flushed at once anyway; 0 writes each message eagerly).
+    #[arg(long, env = "FLEETCAST_WS_WRITE_BUFFER", default_value = "0", value_parser = parse_bytes)]
+    pub ws_write_buffer: usize,
+
     /// Require a subscriber token (`?token=JWT`, HS256) signed with this secret (at least 32
     /// bytes) on both transports; without one (and without --subscribe-secret-file) no token is
     /// needed. Mint tokens with `fleetcast token`.

@@ -147,6 +147,8 @@ pub(crate) async fn upgrade(
     let tasks = state.tasks.clone();
     ws.max_message_size(MAX_CLIENT_MESSAGE)
         .max_frame_size(MAX_CLIENT_MESSAGE)
+        .read_buffer_size(shared.args.ws_read_buffer)
+        .write_buffer_size(shared.args.ws_write_buffer)
         .on_upgrade(move |socket| tasks.track_future(handle(socket, state, remote, slot)))
 }
 
