@@ -13,7 +13,7 @@ use tracing::{info, warn};
 
 use crate::client::{self, ClientOptions, ConnectArgs, Event};
 use crate::proto::view::{FleetView, SampleCounts, TickCounts};
-use crate::proto::wire::TickPart;
+use crate::proto::wire::{CloseCode, TickPart};
 use crate::server::config::parse_duration;
 use crate::server::now_us;
 
@@ -254,7 +254,12 @@ pub async fn run(args: WatchArgs, stop: CancellationToken) -> Result<Report> {
                     Some(end) => {
                         warn!("session ended: {end}");
                         report.last_end = Some(end.to_string());
-                        if view.counts().received > 0 {
+                        if end.by_client && end.close_code() == Some(CloseCode::UnsupportedVersion)
+                        {
+                            // Only a newer client (or an older server) helps: retry slowly.
+                            warn!("this client cannot read that server; upgrade fleetcast");
+                            backoff = args.max_backoff;
+                        } else if view.counts().received > 0 {
                             backoff = Duration::from_millis(250);
                         }
                     }

@@ -5,6 +5,7 @@
 //! bare QUIC CONNECTION_CLOSE). So these tests speak HTTP/3 themselves on a plain quinn
 //! connection: SETTINGS, the CONNECT request, then one of the two endings, and read the QUIC
 //! close code the server sends back (PROTOCOL.md section 8: 0, "the client ended the session").
+//! Last, fleetcast's own client ends a session with code 5 when the Hello is not version 1.
 
 mod common;
 
@@ -156,4 +157,60 @@ async fn client_close_capsule_gets_close_code_zero() {
     assert_eq!(reason, "the client ended the session");
     // The other sessions and the server carry on.
     assert_eq!(ts.healthz().await["status"], "ok");
+}
+
+#[tokio::test]
+async fn native_client_closes_with_code_5_when_the_hello_is_not_version_1() {
+    use fleetcast::client::{ClientOptions, Trust};
+    use fleetcast::proto::quant::Quantisation;
+    use fleetcast::proto::wire::{CloseCode, Hello, StreamMessage};
+    use wtransport::error::ConnectionError;
+    use wtransport::{Identity, ServerConfig};
+
+    // A server from the future: its Hello says version 2.
+    let identity = Identity::self_signed(["localhost", "::1"]).unwrap();
+    let hash = identity.certificate_chain().as_slice()[0].hash();
+    let config = ServerConfig::builder()
+        .with_bind_address("[::1]:0".parse().unwrap())
+        .with_identity(identity)
+        .build();
+    let server = wtransport::Endpoint::server(config).unwrap();
+    let port = server.local_addr().unwrap().port();
+    let future_server = tokio::spawn(async move {
+        let request = server.accept().await.await.expect("CONNECT");
+        let conn = request.accept().await.expect("session");
+        let mut stream = conn.open_uni().await.unwrap().await.unwrap();
+        let mut bytes = Vec::new();
+        StreamMessage::Hello(Hello {
+            version: 2,
+            tick_interval_ms: 1000,
+            server_time_us: 1,
+            quant: Quantisation::for_area(52.35, 4.86, 4000.0),
+            server: "fleetcast/9".into(),
+            bounds: None,
+        })
+        .encode_frame(&mut bytes)
+        .unwrap();
+        stream.write_all(&bytes).await.unwrap();
+        tokio::time::timeout(WAIT, conn.closed()).await
+    });
+
+    let endpoint = client::endpoint(&ClientOptions::new(Trust::Hashes(vec![hash]))).unwrap();
+    let url = format!("https://[::1]:{port}/positions");
+    let mut session = client::open(&endpoint, &url, None).await.expect("opens");
+    let end = common::ended(&mut session, WAIT).await;
+    assert!(end.by_client, "{end}");
+    assert_eq!(
+        end.close_code(),
+        Some(CloseCode::UnsupportedVersion),
+        "{end}"
+    );
+    assert!(end.reason.contains("protocol version 2"), "{end}");
+    match future_server.await.unwrap().expect("the client closes") {
+        ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(close.code().into_inner(), 5);
+            assert!(String::from_utf8_lossy(close.reason()).contains("version 2"));
+        }
+        other => panic!("not an application close: {other}"),
+    }
 }

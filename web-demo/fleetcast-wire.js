@@ -66,6 +66,10 @@ class Reader {
     if (this.pos + n > this.bytes.length) throw new DecodeError('Truncated', 'input ended early');
   }
 
+  remaining() {
+    return this.bytes.length - this.pos;
+  }
+
   u8() {
     this.need(1);
     return this.bytes[this.pos++];
@@ -228,7 +232,11 @@ export function decodeMessage(body) {
         speed_unit_mps: r.f32(),
       };
       const server = r.string();
-      return { type, version, tick_interval_ms, server_time_us, quant, server };
+      // Appended within version 1: absent (null) from servers that predate it.
+      const bounds = r.remaining() >= 32
+        ? { south: r.f64(), west: r.f64(), north: r.f64(), east: r.f64() }
+        : null;
+      return { type, version, tick_interval_ms, server_time_us, quant, server, bounds };
     }
     case 1:
     case 3:
@@ -249,6 +257,27 @@ export function decodeMessage(body) {
       return { type, code, reason: r.string() };
     }
   }
+}
+
+/**
+ * Checks a decoded Hello: throws DecodeError of kind 'UnsupportedVersion' when the server speaks
+ * a protocol version this client does not. The client must then close the session with
+ * CloseCode.UnsupportedVersion (5; on the WebSocket, close code 4005) and not apply anything
+ * more from that session (PROTOCOL.md sections 4.2 and 11.4).
+ */
+export function checkHello(hello) {
+  if (hello.version !== PROTOCOL_VERSION) {
+    throw new DecodeError(
+      'UnsupportedVersion',
+      `the server speaks protocol version ${hello.version}; this client speaks ${PROTOCOL_VERSION}`,
+    );
+  }
+  return hello;
+}
+
+/** WebSocket close code a client sends for protocol close code `code` (4000 + code). */
+export function wsCloseCode(code) {
+  return 4000 + code;
 }
 
 /**

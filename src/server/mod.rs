@@ -120,6 +120,7 @@ impl Shared {
             server_time_us: now_us(),
             quant: self.area.quant,
             server: concat!("fleetcast/", env!("CARGO_PKG_VERSION")).to_string(),
+            bounds: Some(self.area.bounds()),
         })
     }
 

@@ -11,6 +11,9 @@ import {
   decodeDatagram,
   decodeMessage,
   DecodeError,
+  checkHello,
+  wsCloseCode,
+  CloseCode,
   FrameDecoder,
   FleetView,
   MAX_FRAME_LEN,
@@ -38,7 +41,7 @@ function expectedMessage(m) {
 }
 
 test('vectors file has every case', () => {
-  assert.equal(vectors.stream.length, 6);
+  assert.equal(vectors.stream.length, 7);
   assert.ok(vectors.datagrams.length >= 3);
   assert.ok(vectors.invalid_datagrams.length >= 7);
 });
@@ -84,6 +87,20 @@ test('frames with unknown tags are skipped, trailing bytes ignored', () => {
   dec.push(Uint8Array.of(goodbye[0] + 2, ...goodbye.subarray(1), 0xaa, 0xbb));
   assert.equal(dec.next().type, 'Goodbye');
   assert.equal(dec.next(), null);
+});
+
+test('hello: bounds are read when present; a version other than 1 is refused', () => {
+  const hello = vectors.stream.find((v) => v.name === 'hello');
+  const body = hex(hello.hex).subarray(1); // one-byte length prefix
+  const m = decodeMessage(body);
+  assert.deepEqual(m.bounds, { south: 52.35, west: 4.86, north: 52.385932, east: 4.918825 });
+  assert.equal(decodeMessage(body.subarray(0, body.length - 32)).bounds, null);
+  assert.equal(decodeMessage(body.subarray(0, body.length - 9)).bounds, null, 'cut short');
+  assert.deepEqual(decodeMessage(Uint8Array.of(...body, 1, 2, 3)).bounds, m.bounds);
+  assert.equal(checkHello(m), m);
+  const v2 = { ...m, version: 2 };
+  assert.throws(() => checkHello(v2), (e) => e instanceof DecodeError && e.kind === 'UnsupportedVersion');
+  assert.equal(wsCloseCode(CloseCode.UnsupportedVersion), 4005);
 });
 
 test('oversized and malformed frame lengths are rejected', () => {

@@ -5,7 +5,7 @@ use fleetcast_proto::pack::pack_tick;
 use fleetcast_proto::quant::Quantisation;
 use fleetcast_proto::view::{FleetView, PENDING_TICKS};
 use fleetcast_proto::wire::{
-    CarInfo, CarList, CarSample, FrameDecoder, Hello, State, StreamMessage, TickPart,
+    Bounds, CarInfo, CarList, CarSample, FrameDecoder, Hello, State, StreamMessage, TickPart,
 };
 use proptest::prelude::*;
 
@@ -43,14 +43,15 @@ fn message() -> impl Strategy<Value = StreamMessage> {
             any::<f64>(),
             any::<f32>(),
             any::<f32>(),
-            ".{0,30}"
+            ".{0,30}",
+            prop::option::of(any::<[i16; 4]>()),
         )
             .prop_filter("NaN never equals itself", |t| !t.3.is_nan()
                 && !t.4.is_nan()
                 && !t.5.is_nan()
                 && !t.6.is_nan())
             .prop_map(
-                |(version, tick_interval_ms, server_time_us, lat, lon, unit, speed, server)| {
+                |(version, tick_interval_ms, server_time_us, lat, lon, unit, speed, server, b)| {
                     StreamMessage::Hello(Hello {
                         version,
                         tick_interval_ms,
@@ -62,6 +63,12 @@ fn message() -> impl Strategy<Value = StreamMessage> {
                             speed_unit_mps: speed,
                         },
                         server,
+                        bounds: b.map(|b| Bounds {
+                            south: f64::from(b[0]) / 100.0,
+                            west: f64::from(b[1]) / 100.0,
+                            north: f64::from(b[2]) / 100.0,
+                            east: f64::from(b[3]) / 100.0,
+                        }),
                     })
                 }
             ),

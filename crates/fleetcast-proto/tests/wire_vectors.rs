@@ -8,7 +8,7 @@
 
 use fleetcast_proto::quant::Quantisation;
 use fleetcast_proto::wire::{
-    CarInfo, CarList, CarSample, FrameDecoder, Hello, State, StreamMessage, TickPart,
+    Bounds, CarInfo, CarList, CarSample, FrameDecoder, Hello, State, StreamMessage, TickPart,
 };
 use serde_json::{json, Value};
 
@@ -29,7 +29,9 @@ fn message_json(msg: &StreamMessage) -> Value {
             "quant": {"origin_lat_deg": h.quant.origin_lat_deg,
                       "origin_lon_deg": h.quant.origin_lon_deg,
                       "unit_m": h.quant.unit_m, "speed_unit_mps": h.quant.speed_unit_mps},
-            "server": h.server}),
+            "server": h.server,
+            "bounds": h.bounds.map(|b| json!({"south": b.south, "west": b.west,
+                                               "north": b.north, "east": b.east}))}),
         StreamMessage::Roster(cars) => json!({"type": "Roster", "cars": cars.iter()
             .map(|c| json!({"id": c.id, "label": c.label})).collect::<Vec<_>>()}),
         StreamMessage::State(s) => json!({"type": "State", "tick": s.tick,
@@ -69,6 +71,13 @@ fn stream_cases() -> Vec<(&'static str, StreamMessage)> {
                 server_time_us: 1_764_072_000_123_456,
                 quant: Quantisation::for_area(52.35, 4.86, 4000.0),
                 server: "fleetcast/0.1.0".into(),
+                // The 4 km square from the origin, to about 0.1 m.
+                bounds: Some(Bounds {
+                    south: 52.35,
+                    west: 4.86,
+                    north: 52.385932,
+                    east: 4.918825,
+                }),
             }),
         ),
         (
@@ -110,6 +119,18 @@ fn stream_cases() -> Vec<(&'static str, StreamMessage)> {
                 code: 1,
                 reason: "server shutting down".into(),
             },
+        ),
+        // What servers sent before the bounds were appended: decoders must still take it.
+        (
+            "hello_without_bounds",
+            StreamMessage::Hello(Hello {
+                version: 1,
+                tick_interval_ms: 1000,
+                server_time_us: 1_764_072_000_123_456,
+                quant: Quantisation::for_area(52.35, 4.86, 4000.0),
+                server: "fleetcast/0.1.0".into(),
+                bounds: None,
+            }),
         ),
     ]
 }
