@@ -103,6 +103,19 @@ test('hello: bounds are read when present; a version other than 1 is refused', (
   assert.equal(wsCloseCode(CloseCode.UnsupportedVersion), 4005);
 });
 
+test('non-canonical varints are accepted within the type limit; an empty frame body is not', () => {
+  const d = decodeDatagram(Uint8Array.of(1, 0x80, 0, 0x80, 0, 0x80, 0, 0x81, 0, 0x80, 0));
+  assert.deepEqual([d.tick, d.time_us, d.part, d.parts, d.cars.length], [0, 0, 0, 1, 0]);
+  assert.equal(decodeDatagram(Uint8Array.of(1, 0, 0, 0, 0x81, 0x80, 0, 0)).parts, 1);
+  assert.throws(() => decodeDatagram(Uint8Array.of(1, 0, 0, 0, 0x81, 0x80, 0x80, 0, 0)), DecodeError);
+  const dec = new FrameDecoder();
+  dec.push(Uint8Array.of(0x82, 0x00, 0x04, 0x00));
+  assert.deepEqual(dec.next(), { type: 'CarsRemoved', ids: [] });
+  const empty = new FrameDecoder();
+  empty.push(Uint8Array.of(0x00));
+  assert.throws(() => empty.next(), (e) => e instanceof DecodeError && e.kind === 'Truncated');
+});
+
 test('oversized and malformed frame lengths are rejected', () => {
   const big = new FrameDecoder();
   let n = MAX_FRAME_LEN + 1;

@@ -703,6 +703,40 @@ mod tests {
     }
 
     #[test]
+    fn non_canonical_varints_are_accepted_within_the_type_limit() {
+        // PROTOCOL.md section 3: `80 00` is 0, `81 00` is 1. tick, time_us, part as `80 00`,
+        // parts as `81 00`, car count as `80 00`.
+        let part = TickPart::decode(&[1, 0x80, 0, 0x80, 0, 0x80, 0, 0x81, 0, 0x80, 0]).unwrap();
+        assert_eq!(
+            (part.tick, part.time_us, part.part, part.parts),
+            (0, 0, 0, 1)
+        );
+        assert!(part.cars.0.is_empty());
+        // A u16 takes at most 3 bytes: `81 80 00` is 1, `81 80 80 00` is too long.
+        assert_eq!(
+            TickPart::decode(&[1, 0, 0, 0, 0x81, 0x80, 0, 0])
+                .unwrap()
+                .parts,
+            1
+        );
+        assert!(TickPart::decode(&[1, 0, 0, 0, 0x81, 0x80, 0x80, 0, 0]).is_err());
+        // The frame length prefix too: `82 00` is a 2-byte body (CarsRemoved, no ids).
+        let mut dec = FrameDecoder::new();
+        dec.push(&[0x82, 0x00, 0x04, 0x00]);
+        assert_eq!(
+            dec.next_message(),
+            Ok(Some(StreamMessage::CarsRemoved(vec![])))
+        );
+    }
+
+    #[test]
+    fn frame_with_an_empty_body_is_malformed() {
+        let mut dec = FrameDecoder::new();
+        dec.push(&[0x00]);
+        assert_eq!(dec.next_message(), Err(DecodeError::Truncated));
+    }
+
+    #[test]
     fn hello_bounds_are_read_when_present_and_optional() {
         let hello = Hello {
             version: 1,

@@ -6,6 +6,7 @@
 //! against the same file. Regenerate after a deliberate format change with
 //! `FLEETCAST_BLESS=1 cargo test --test wire_vectors` and say so in PROTOCOL.md.
 
+use fleetcast_proto::pack::pack_tick;
 use fleetcast_proto::quant::Quantisation;
 use fleetcast_proto::wire::{
     Bounds, CarInfo, CarList, CarSample, FrameDecoder, Hello, State, StreamMessage, TickPart,
@@ -171,7 +172,67 @@ fn datagram_cases() -> Vec<(&'static str, TickPart)> {
                 cars: CarList(vec![]),
             },
         ),
+        // One tick in three parts: what pack_tick makes of MULTI_PART_CARS under a 40-byte
+        // budget (checked below). Each part's first car carries its absolute id.
+        ("multi_part_0", multi_part(0, &MULTI_PART_CARS[0..2])),
+        ("multi_part_1", multi_part(1, &MULTI_PART_CARS[2..4])),
+        ("multi_part_2", multi_part(2, &MULTI_PART_CARS[4..5])),
     ]
+}
+
+/// The cars of the multi-part tick.
+const MULTI_PART_CARS: [CarSample; 5] = [
+    CarSample {
+        id: 0,
+        x: 1000,
+        y: 2000,
+        heading: 0,
+        speed: 40,
+        age: 0,
+    },
+    CarSample {
+        id: 1,
+        x: 1010,
+        y: 2010,
+        heading: 64,
+        speed: 41,
+        age: 1,
+    },
+    CarSample {
+        id: 2,
+        x: 1020,
+        y: 2020,
+        heading: 128,
+        speed: 42,
+        age: 2,
+    },
+    CarSample {
+        id: 3,
+        x: 1030,
+        y: 2030,
+        heading: 192,
+        speed: 43,
+        age: 3,
+    },
+    CarSample {
+        id: 300,
+        x: 1040,
+        y: 2040,
+        heading: 255,
+        speed: 44,
+        age: 4,
+    },
+];
+
+/// Tick 43 of the multi-part vectors, part `part` of 3.
+fn multi_part(part: u16, cars: &[CarSample]) -> TickPart {
+    TickPart {
+        tick: 43,
+        time_us: 1_764_072_043_000_000,
+        part,
+        parts: 3,
+        cars: CarList(cars.to_vec()),
+    }
 }
 
 /// Bytes every decoder must reject, with the reason.
@@ -230,6 +291,17 @@ fn vectors_match_the_committed_file() {
         committed, built,
         "the wire format changed: if deliberate, bless the vectors and update PROTOCOL.md"
     );
+}
+
+#[test]
+fn multi_part_vectors_are_what_pack_tick_makes() {
+    let packed = pack_tick(43, 1_764_072_043_000_000, &MULTI_PART_CARS, 40).unwrap();
+    let vectors: Vec<Vec<u8>> = datagram_cases()
+        .into_iter()
+        .filter(|(name, _)| name.starts_with("multi_part"))
+        .map(|(_, part)| part.encode().unwrap())
+        .collect();
+    assert_eq!(packed, vectors);
 }
 
 #[test]
