@@ -14,7 +14,7 @@ use wtransport::error::{ConnectingError, ConnectionError};
 use wtransport::tls::{Sha256Digest, Sha256DigestFmt};
 use wtransport::{ClientConfig, Connection, Endpoint, RecvStream, VarInt};
 
-use crate::proto::wire::{CloseCode, DecodeError, FrameDecoder, StreamMessage};
+use crate::proto::wire::{CloseCode, DecodeError, FrameDecoder, StreamMessage, PROTOCOL_VERSION};
 
 /// How the client trusts the server's certificate.
 #[derive(Debug, Clone)]
@@ -218,12 +218,15 @@ pub fn endpoint(options: &ClientOptions) -> Result<Endpoint<endpoint_side::Clien
 /// How a session ended, as the client saw it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ended {
-    /// Application close code, when the server closed the session with one.
+    /// Application close code: the server's, or this client's when `by_client`.
     pub code: Option<u64>,
     /// Close reason or error text.
     pub reason: String,
     /// The `Goodbye` frame, if the server sent one first.
     pub goodbye: Option<(u32, String)>,
+    /// This client closed the session: the server's bytes did not decode (code 2) or it speaks
+    /// a protocol version this client does not (code 5).
+    pub by_client: bool,
 }
 
 impl Ended {
@@ -236,6 +239,9 @@ impl Ended {
 impl std::fmt::Display for Ended {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match (self.code, &self.goodbye) {
+            (Some(code), _) if self.by_client => {
+                write!(f, "closed by this client with code {code}: {}", self.reason)
+            }
             (_, Some((code, reason))) => write!(f, "server said goodbye ({code}): {reason}"),
             (Some(code), None) => write!(f, "closed with code {code}: {}", self.reason),
             (None, None) => write!(f, "{}", self.reason),
@@ -327,8 +333,19 @@ impl Session {
         loop {
             match self.decoder.next_message() {
                 Ok(Some(msg)) => {
-                    if let StreamMessage::Goodbye { code, reason } = &msg {
-                        self.goodbye = Some((*code, reason.clone()));
+                    match &msg {
+                        StreamMessage::Goodbye { code, reason } => {
+                            self.goodbye = Some((*code, reason.clone()));
+                        }
+                        StreamMessage::Hello(hello) if !hello.version_supported() => {
+                            let reason = format!(
+                                "the server speaks protocol version {}; this client speaks \
+                                 {PROTOCOL_VERSION}",
+                                hello.version
+                            );
+                            return Err(self.close_with(CloseCode::UnsupportedVersion, reason));
+                        }
+                        _ => {}
                     }
                     return Ok(Event::Message(msg));
                 }
@@ -367,14 +384,19 @@ impl Session {
 
     fn violation(&mut self, e: DecodeError) -> Ended {
         let reason = format!("server sent an undecodable frame: {e}");
-        self.conn.close(
-            VarInt::from_u32(CloseCode::ProtocolViolation.code()),
-            reason.as_bytes(),
-        );
+        self.close_with(CloseCode::ProtocolViolation, reason)
+    }
+
+    /// Ends the session from this side: no further event is read from it.
+    fn close_with(&mut self, code: CloseCode, reason: String) -> Ended {
+        self.conn
+            .close(VarInt::from_u32(code.code()), reason.as_bytes());
+        self.stream = None;
         Ended {
-            code: None,
+            code: Some(code.code().into()),
             reason,
             goodbye: self.goodbye.clone(),
+            by_client: true,
         }
     }
 
@@ -390,6 +412,7 @@ impl Session {
             code,
             reason,
             goodbye: self.goodbye.clone(),
+            by_client: false,
         }
     }
 

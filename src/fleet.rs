@@ -12,7 +12,7 @@ use std::fmt;
 use serde::Deserialize;
 
 use crate::proto::quant::{age_step, heading_step, Quantisation, METRES_PER_DEGREE};
-use crate::proto::wire::{CarInfo, CarSample, StreamMessage};
+use crate::proto::wire::{Bounds, CarInfo, CarSample, StreamMessage};
 
 /// Longest operator id and label, bytes.
 pub const MAX_ID_LEN: usize = 64;
@@ -81,6 +81,16 @@ impl Area {
             east,
             quant: Quantisation::for_area(south, west, side_m),
         })
+    }
+
+    /// The box's edges as the `Hello` carries them.
+    pub fn bounds(&self) -> Bounds {
+        Bounds {
+            south: self.south,
+            west: self.west,
+            north: self.north,
+            east: self.east,
+        }
     }
 
     /// Side of the quantised square, metres (what a map should frame).

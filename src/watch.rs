@@ -12,8 +12,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::client::{self, ClientOptions, ConnectArgs, Event};
-use crate::proto::view::{FleetView, TickCounts};
-use crate::proto::wire::TickPart;
+use crate::proto::view::{FleetView, SampleCounts, TickCounts};
+use crate::proto::wire::{CloseCode, TickPart};
 use crate::server::config::parse_duration;
 use crate::server::now_us;
 
@@ -69,6 +69,11 @@ pub struct Report {
     pub duplicate_parts: u64,
     /// Car entries skipped because a newer sample was already held.
     pub stale_cars: u64,
+    /// Car entries that arrived before their car's `CarsAdded` and were held for it.
+    pub held_cars: u64,
+    /// Car entries dropped because their id was not on the roster: the car had left, or no
+    /// `CarsAdded` came within 8 ticks (PROTOCOL.md section 7).
+    pub dropped_cars: u64,
     /// Datagrams received.
     pub datagrams: u64,
     /// Datagram payload bytes received.
@@ -94,6 +99,11 @@ impl Report {
         self.ticks_missed += c.missed;
         self.late_parts += c.late_parts;
         self.duplicate_parts += c.duplicate_parts;
+    }
+
+    fn add_samples(&mut self, s: SampleCounts) {
+        self.held_cars += s.held;
+        self.dropped_cars += s.removed + s.expired + s.overflow;
     }
 
     /// A one-line human summary.
@@ -233,6 +243,7 @@ pub async fn run(args: WatchArgs, stop: CancellationToken) -> Result<Report> {
                 report.udp_bytes += session.connection().quic_connection().stats().udp_rx.bytes;
                 view.finish();
                 report.add_counts(view.counts());
+                report.add_samples(view.samples());
                 report.initial_cars = view.initial_cars().unwrap_or(0);
                 report.cars = view.cars().values().filter(|c| c.sample.is_some()).count();
                 if status {
@@ -243,7 +254,12 @@ pub async fn run(args: WatchArgs, stop: CancellationToken) -> Result<Report> {
                     Some(end) => {
                         warn!("session ended: {end}");
                         report.last_end = Some(end.to_string());
-                        if view.counts().received > 0 {
+                        if end.by_client && end.close_code() == Some(CloseCode::UnsupportedVersion)
+                        {
+                            // Only a newer client (or an older server) helps: retry slowly.
+                            warn!("this client cannot read that server; upgrade fleetcast");
+                            backoff = args.max_backoff;
+                        } else if view.counts().received > 0 {
                             backoff = Duration::from_millis(250);
                         }
                     }

@@ -10,6 +10,9 @@ import {
   FrameDecoder,
   FleetView,
   decodeDatagram,
+  checkHello,
+  wsCloseCode,
+  METRES_PER_DEGREE,
   toLatLon,
   headingDeg,
   speedMps,
@@ -55,6 +58,8 @@ const fc = {
   lastClose: null, // transport close {code, reason} of the last session
   lastGoodbye: null, // Goodbye frame {code, reason} of the last session, if it sent one
   lastError: null,
+  /** The server's protocol version when this page does not speak it (the session was closed). */
+  unsupportedVersion: null,
   fallbackReason: null,
   tokenGiven: token !== null,
   tokenRequired: null, // from /config.json
@@ -93,6 +98,8 @@ let roads = null;
 let tickIntervalMs = 1000;
 /** Quantisation of the last Hello: kept while reconnecting so cars keep their colours. */
 let lastQuant = null;
+/** Served area of the last Hello that carried one (south, west, north, east degrees). */
+let lastBounds = null;
 
 // ---- Render state per car ----------------------------------------------------------------
 
@@ -198,10 +205,13 @@ function onMessage(msg) {
     setNotice(msg.code === CloseCode.GoingAway ? 'Server restarting — will reconnect.' : `Server closed the session: ${msg.reason}`);
     return;
   }
+  // A server speaking another version: throws, and the transport closes with code 5.
+  if (msg.type === 'Hello') checkHello(msg);
   view.applyMessage(msg);
   if (msg.type === 'Hello') {
     tickIntervalMs = msg.tick_interval_ms;
     lastQuant = msg.quant;
+    if (msg.bounds) lastBounds = msg.bounds;
   }
   if (msg.type === 'State') fc.tick = msg.tick;
   syncSprites();
@@ -220,6 +230,20 @@ function onDatagram(bytes) {
   const outcome = view.applyPart(part);
   if (typeof part.tick === 'number' && (fc.tick === null || part.tick > fc.tick)) fc.tick = part.tick;
   for (const entry of outcome.changed) updateSprite(entry);
+}
+
+/**
+ * Why a session must end after `e` (thrown while applying the stream): the protocol close code
+ * and a reason. Shows a version mismatch on the page; it persists across reconnections.
+ */
+function closeFor(e) {
+  fc.lastError = `stream: ${e.message}`;
+  if (e?.kind === 'UnsupportedVersion') {
+    fc.unsupportedVersion = e.message;
+    setNotice(`This page cannot read this server: ${e.message}. Reload the page.`);
+    return { code: CloseCode.UnsupportedVersion, reason: 'unsupported protocol version' };
+  }
+  return { code: CloseCode.ProtocolViolation, reason: 'protocol violation' };
 }
 
 /** Feeds reliable-stream bytes; throws on bytes that do not decode (the session must end). */
@@ -294,18 +318,20 @@ async function openWebTransport(config) {
           sink(value);
         }
       })();
+      let ended = false;
       const readDatagrams = (async () => {
         const reader = wt.datagrams.readable.getReader();
         for (;;) {
           const { value, done } = await reader.read();
-          if (done) return;
+          if (done || ended) return;
           onDatagram(value);
         }
       })();
       readStream.catch((e) => {
         if (e?.name === 'DecodeError') {
-          fc.lastError = `stream: ${e.message}`;
-          wt.close({ closeCode: CloseCode.ProtocolViolation, reason: e.message });
+          ended = true;
+          const { code, reason } = closeFor(e);
+          wt.close({ closeCode: code, reason });
         }
       });
       readDatagrams.catch(() => {});
@@ -328,16 +354,19 @@ async function openWebSocket(config) {
   let ended;
   const closed = new Promise((resolve) => { ended = resolve; });
   ws.onclose = (ev) => ended({ code: ev.code, reason: ev.reason });
+  let failed = false;
   ws.onmessage = (ev) => {
-    if (!(ev.data instanceof ArrayBuffer) || ev.data.byteLength === 0) return;
+    if (failed || !(ev.data instanceof ArrayBuffer) || ev.data.byteLength === 0) return;
     const bytes = new Uint8Array(ev.data);
     const body = bytes.subarray(1);
     try {
       if (bytes[0] === WS_CHANNEL_STREAM) sink(body);
       else if (bytes[0] === WS_CHANNEL_DATAGRAM) onDatagram(body);
     } catch (e) {
-      fc.lastError = `stream: ${e.message}`;
-      ws.close(4002, 'protocol violation');
+      // Section 11.4: the client's WebSocket close code is 4000 + the protocol's close code.
+      failed = true;
+      const { code, reason } = closeFor(e);
+      ws.close(wsCloseCode(code), reason);
     }
   };
   await withTimeout(
@@ -541,8 +570,22 @@ let layout = { w: 0, h: 0, dpr: 1, scale: 1, ox: 0, oy: 0, area: 4000 };
 let roadLayer = null;
 let hover = null;
 
+/** Width and height of the served area in metres: from the Hello's bounds, else the roads. */
+function areaBox() {
+  const b = view.hello?.bounds ?? lastBounds;
+  if (b) {
+    const h = (b.north - b.south) * METRES_PER_DEGREE;
+    const w = (b.east - b.west) * METRES_PER_DEGREE * Math.cos((b.south * Math.PI) / 180);
+    return { w, h };
+  }
+  const side = roads?.area_m ?? (view.hello ? 65535 * view.hello.quant.unit_m : 4000);
+  return { w: side, h: side };
+}
+
+/** Side of the square the map frames, metres. */
 function area() {
-  return roads?.area_m ?? (view.hello ? 65535 * view.hello.quant.unit_m : 4000);
+  const { w, h } = areaBox();
+  return Math.max(w, h);
 }
 
 function resize() {
@@ -566,10 +609,10 @@ function drawRoads() {
   layer.height = canvas.height;
   const c = layer.getContext('2d');
   c.scale(layout.dpr, layout.dpr);
-  const a = layout.area;
-  const [x0, y0] = toScreen(0, a);
+  const { w, h } = areaBox();
+  const [x0, y0] = toScreen(0, h);
   c.fillStyle = '#111820';
-  c.fillRect(x0, y0, a * layout.scale, a * layout.scale);
+  c.fillRect(x0, y0, w * layout.scale, h * layout.scale);
   c.lineCap = 'round';
   for (const r of roads?.roads ?? []) {
     const major = r.limit_mps >= 14;

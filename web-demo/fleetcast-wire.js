@@ -1,5 +1,6 @@
 // fleetcast-wire.js: a standalone decoder for the fleetcast v1 wire format, and the client's
-// view of the fleet (the same rules as src/proto/view.rs). No dependencies, no build step:
+// view of the fleet (the same rules as crates/fleetcast-proto/src/view.rs). No dependencies, no
+// build step:
 //
 //   import { decodeDatagram, FrameDecoder, FleetView } from './fleetcast-wire.js';
 //
@@ -7,8 +8,9 @@
 // above that decodes to a BigInt, never to a rounded Number. FleetView ignores (and counts) a
 // tick number that is not a safe integer rather than doing inexact arithmetic on it.
 //
-// The golden vectors in tests/vectors/wire.json are checked against this file by
-// web-demo/test/wire.test.mjs, and against the Rust encoder by tests/wire_vectors.rs.
+// The golden vectors in crates/fleetcast-proto/tests/vectors/wire.json are checked against this
+// file by tests/js/wire.test.mjs, and against the Rust encoder by
+// crates/fleetcast-proto/tests/wire_vectors.rs.
 
 /** Protocol version in Hello; also the first byte of every datagram. */
 export const PROTOCOL_VERSION = 1;
@@ -20,6 +22,10 @@ export const MAX_FRAME_LEN = 4 * 1024 * 1024;
 export const STREAM_MESSAGE_TAGS = 6;
 /** Ticks a datagram part may arrive late and still count towards its tick. */
 export const REORDER_WINDOW = 3;
+/** Ticks a sample of an id not on the roster is held for its roster event (view.rs). */
+export const PENDING_TICKS = 8;
+/** Most ids whose samples are held pending at once (view.rs). */
+export const MAX_PENDING = 4096;
 /** WebSocket fallback: channel byte of reliable-stream bytes. */
 export const WS_CHANNEL_STREAM = 0x00;
 /** WebSocket fallback: channel byte of one datagram payload. */
@@ -58,6 +64,10 @@ class Reader {
 
   need(n) {
     if (this.pos + n > this.bytes.length) throw new DecodeError('Truncated', 'input ended early');
+  }
+
+  remaining() {
+    return this.bytes.length - this.pos;
   }
 
   u8() {
@@ -222,7 +232,11 @@ export function decodeMessage(body) {
         speed_unit_mps: r.f32(),
       };
       const server = r.string();
-      return { type, version, tick_interval_ms, server_time_us, quant, server };
+      // Appended within version 1: absent (null) from servers that predate it.
+      const bounds = r.remaining() >= 32
+        ? { south: r.f64(), west: r.f64(), north: r.f64(), east: r.f64() }
+        : null;
+      return { type, version, tick_interval_ms, server_time_us, quant, server, bounds };
     }
     case 1:
     case 3:
@@ -243,6 +257,27 @@ export function decodeMessage(body) {
       return { type, code, reason: r.string() };
     }
   }
+}
+
+/**
+ * Checks a decoded Hello: throws DecodeError of kind 'UnsupportedVersion' when the server speaks
+ * a protocol version this client does not. The client must then close the session with
+ * CloseCode.UnsupportedVersion (5; on the WebSocket, close code 4005) and not apply anything
+ * more from that session (PROTOCOL.md sections 4.2 and 11.4).
+ */
+export function checkHello(hello) {
+  if (hello.version !== PROTOCOL_VERSION) {
+    throw new DecodeError(
+      'UnsupportedVersion',
+      `the server speaks protocol version ${hello.version}; this client speaks ${PROTOCOL_VERSION}`,
+    );
+  }
+  return hello;
+}
+
+/** WebSocket close code a client sends for protocol close code `code` (4000 + code). */
+export function wsCloseCode(code) {
+  return 4000 + code;
 }
 
 /**
@@ -323,7 +358,7 @@ export class FrameDecoder {
 
 // ---- Quantisation ------------------------------------------------------------------------
 
-/** Metres per degree of latitude used by the projection (src/proto/quant.rs). */
+/** Metres per degree of latitude used by the projection (fleetcast-proto's quant.rs). */
 export const METRES_PER_DEGREE = 111320.0;
 
 /** Metres east/north of the area's south-west corner for a sample's x/y. */
@@ -354,7 +389,7 @@ export function ageS(step) {
   return step / 10;
 }
 
-// ---- The client's view (src/proto/view.rs) ----------------------------------------------
+// ---- The client's view (crates/fleetcast-proto/src/view.rs) -----------------------------
 
 class PartSet {
   constructor(parts) {
@@ -458,8 +493,10 @@ export class TickTracker {
 
 /**
  * The fleet as one client sees it. `cars` maps id -> {id, label, sample, tick, time_us}.
- * Newest tick wins per car; ids not on the roster are ignored; a removed car is never
- * resurrected by a late datagram.
+ * Newest tick wins per car. A sample of an id not on the roster yet (its CarsAdded is still on
+ * the way: datagrams overtake the stream) is held, the newest per id, for PENDING_TICKS ticks
+ * and at most MAX_PENDING ids, and applied when the roster event arrives. Samples of cars that
+ * left are dropped, so a removed car is never resurrected by a late datagram.
  */
 export class FleetView {
   constructor() {
@@ -469,6 +506,20 @@ export class FleetView {
     this.initialCars = null;
     /** Parts ignored because their tick is not a safe integer. */
     this.unsafeTicks = 0;
+    /** id -> {sample, tick, time_us}: the newest sample of an id not on the roster yet. */
+    this.pending = new Map();
+    /** id -> newest tick seen when it was removed; forgotten PENDING_TICKS ticks later. */
+    this.removed = new Map();
+    /** Newest tick seen in a State or a part (null before any). */
+    this.newest = null;
+    /** Tick of the newest State: every car of that tick was in it. */
+    this.stateTick = null;
+    /**
+     * What became of samples whose id was not on the roster (view.rs SampleCounts): held,
+     * adopted (applied when the roster event came), expired (no roster event within
+     * PENDING_TICKS), removed (the car had left), overflow (MAX_PENDING ids already held).
+     */
+    this.samples = { held: 0, adopted: 0, expired: 0, removed: 0, overflow: 0 };
   }
 
   /** Tick counters so far. */
@@ -484,7 +535,7 @@ export class FleetView {
         break;
       case 'Roster': {
         const keep = new Map(msg.cars.map((c) => [c.id, c.label]));
-        for (const id of [...this.cars.keys()]) if (!keep.has(id)) this.cars.delete(id);
+        for (const id of [...this.cars.keys()]) if (!keep.has(id)) this.removeCar(id);
         for (const [id, label] of keep) this.addCar(id, label);
         break;
       }
@@ -492,26 +543,57 @@ export class FleetView {
         for (const c of msg.cars) this.addCar(c.id, c.label);
         break;
       case 'CarsRemoved':
-        for (const id of msg.ids) this.cars.delete(id);
+        for (const id of msg.ids) this.removeCar(id);
         break;
-      case 'State':
+      case 'State': {
         if (typeof msg.tick !== 'number') {
           this.unsafeTicks += 1;
           break;
         }
         if (this.initialCars === null) this.initialCars = msg.cars.length;
         this.applyCars(msg.tick, msg.time_us, msg.cars);
+        // The state holds every car of its tick: a held sample of that tick or older belongs to
+        // a car that had left by then.
+        this.stateTick = this.stateTick === null ? msg.tick : Math.max(this.stateTick, msg.tick);
+        for (const [id, p] of this.pending) {
+          if (p.tick <= msg.tick) {
+            this.pending.delete(id);
+            this.samples.removed += 1;
+          }
+        }
         this.ticks.startAfter(msg.tick);
         break;
+      }
       default:
         break;
     }
   }
 
+  /** Puts a car on the roster (or relabels it), with its pending sample if one is held. */
   addCar(id, label) {
+    this.removed.delete(id);
     const entry = this.cars.get(id);
-    if (entry) entry.label = label;
-    else this.cars.set(id, { id, label, sample: null, tick: 0, time_us: 0 });
+    if (entry) {
+      entry.label = label;
+      return;
+    }
+    const held = this.pending.get(id);
+    this.pending.delete(id);
+    if (held) this.samples.adopted += 1;
+    this.cars.set(id, {
+      id,
+      label,
+      sample: held ? held.sample : null,
+      tick: held ? held.tick : 0,
+      time_us: held ? held.time_us : 0,
+    });
+  }
+
+  /** Takes a car off the roster and remembers that it left. */
+  removeCar(id) {
+    this.cars.delete(id);
+    if (this.pending.delete(id)) this.samples.removed += 1;
+    this.removed.set(id, this.newest ?? 0);
   }
 
   /**
@@ -521,7 +603,7 @@ export class FleetView {
   applyPart(part) {
     if (typeof part.tick !== 'number') {
       this.unsafeTicks += 1;
-      return { applied: 0, stale: 0, unknown: 0, duplicate: false, changed: [] };
+      return { applied: 0, stale: 0, pending: 0, unknown: 0, duplicate: false, changed: [] };
     }
     const fresh = this.ticks.record(part.tick, part.part, part.parts);
     const outcome = this.applyCars(part.tick, part.time_us, part.cars);
@@ -530,10 +612,11 @@ export class FleetView {
   }
 
   applyCars(tick, time_us, cars) {
-    const outcome = { applied: 0, stale: 0, unknown: 0, duplicate: false, changed: [] };
+    this.advance(tick);
+    const outcome = { applied: 0, stale: 0, pending: 0, unknown: 0, duplicate: false, changed: [] };
     for (const car of cars) {
       const entry = this.cars.get(car.id);
-      if (!entry) outcome.unknown += 1;
+      if (!entry) this.hold(car, tick, time_us, outcome);
       else if (entry.sample !== null && entry.tick >= tick) outcome.stale += 1;
       else {
         entry.sample = car;
@@ -544,6 +627,45 @@ export class FleetView {
       }
     }
     return outcome;
+  }
+
+  /** A sample of an id that is not on the roster: hold it for its roster event, or drop it. */
+  hold(car, tick, time_us, outcome) {
+    const newest = this.newest ?? tick;
+    if (this.removed.has(car.id) || (this.stateTick !== null && tick <= this.stateTick)) {
+      this.samples.removed += 1;
+      outcome.unknown += 1;
+      return;
+    }
+    if (tick + PENDING_TICKS < newest) {
+      this.samples.expired += 1;
+      outcome.unknown += 1;
+      return;
+    }
+    const held = this.pending.get(car.id);
+    if (held && held.tick >= tick) {
+      outcome.stale += 1;
+    } else if (!held && this.pending.size >= MAX_PENDING) {
+      this.samples.overflow += 1;
+      outcome.unknown += 1;
+    } else {
+      this.pending.set(car.id, { sample: car, tick, time_us });
+      this.samples.held += 1;
+      outcome.pending += 1;
+    }
+  }
+
+  /** Notes the newest tick seen; drops held samples and removals that are now too old. */
+  advance(tick) {
+    if (this.newest !== null && this.newest >= tick) return;
+    this.newest = tick;
+    for (const [id, p] of this.pending) {
+      if (p.tick + PENDING_TICKS < tick) {
+        this.pending.delete(id);
+        this.samples.expired += 1;
+      }
+    }
+    for (const [id, at] of this.removed) if (at + PENDING_TICKS < tick) this.removed.delete(id);
   }
 
   /** Finalises tick accounting at the end of a session. */

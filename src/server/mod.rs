@@ -111,6 +111,9 @@ pub(crate) struct Shared {
     pub wt_port: u16,
     /// The newest tick for WebSocket sessions; only the newest is kept.
     pub ticks: watch::Sender<Arc<EncodedTick>>,
+    /// Tests only (0 otherwise): microseconds [`Shared::publish`] pauses between a tick's roster
+    /// events and its snapshot. See [`Server::danger_pause_publishing`].
+    pub danger_publish_pause_us: AtomicU64,
 }
 
 impl Shared {
@@ -122,6 +125,7 @@ impl Shared {
             server_time_us: now_us(),
             quant: self.area.quant,
             server: concat!("fleetcast/", env!("CARGO_PKG_VERSION")).to_string(),
+            bounds: Some(self.area.bounds()),
         })
     }
 
@@ -153,9 +157,15 @@ impl Shared {
         latest: &watch::Sender<Arc<Snapshot>>,
     ) {
         let _order = self.publish_order.lock().expect("publish lock poisoned");
+        let changed = !events.is_empty();
         for event in events {
             // Nobody listening is fine: there are no sessions.
             let _ = self.roster_events.send(Arc::new(event));
+        }
+        let pause = self.danger_publish_pause_us.load(Ordering::Relaxed);
+        if changed && pause > 0 {
+            // Only under the test hook: widens the window between events and snapshot.
+            std::thread::sleep(Duration::from_micros(pause));
         }
         latest.send_replace(Arc::new(snapshot));
     }
@@ -242,6 +252,7 @@ impl Server {
             roads,
             wt_port: wt_addr.port(),
             ticks: watch::Sender::new(Arc::new(EncodedTick::default())),
+            danger_publish_pause_us: AtomicU64::new(0),
             args,
         });
 
@@ -326,6 +337,19 @@ impl Server {
     /// Sessions open right now.
     pub fn sessions(&self) -> usize {
         self.shared.sessions.load(Ordering::Relaxed)
+    }
+
+    /// **Tests only.** From now on, every tick with roster changes pauses `pause` between
+    /// sending its roster events and publishing its snapshot, on the tick thread. That is the
+    /// window in which a session that subscribes could take the old snapshot and miss the
+    /// events; a test widens it to show that no session can (the publish lock spans it, so
+    /// new sessions wait instead). It delays ticks and new sessions: never in production.
+    #[doc(hidden)]
+    pub fn danger_pause_publishing(&self, pause: Duration) {
+        let us = u64::try_from(pause.as_micros()).unwrap_or(u64::MAX);
+        self.shared
+            .danger_publish_pause_us
+            .store(us, Ordering::Relaxed);
     }
 }
 

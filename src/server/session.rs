@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, Instrument};
 use wtransport::endpoint::SessionRequest;
-use wtransport::error::{ConnectionError, StreamOpeningError, StreamWriteError};
+use wtransport::error::{ApplicationClose, ConnectionError, StreamOpeningError, StreamWriteError};
 use wtransport::{Connection, SendStream, VarInt};
 
 use super::admission::Refusal;
@@ -26,11 +26,19 @@ use crate::token;
 /// How long a goodbye may take before the session is closed regardless.
 const GOODBYE_WAIT: Duration = Duration::from_secs(1);
 
+/// Close reason sent with [`CloseCode::Normal`] when the client ended the session.
+const CLIENT_ENDED: &str = "the client ended the session";
+
 /// Why a session ended.
 #[derive(Debug, thiserror::Error)]
 enum SessionEnd {
-    #[error("client closed or lost: {0}")]
-    Connection(#[from] ConnectionError),
+    /// The client ended the session: a CLOSE_WEBTRANSPORT_SESSION capsule, a FIN on the CONNECT
+    /// stream, or a QUIC close with an application code.
+    #[error("the client ended the session with code {}: {}", .0.code(),
+            String::from_utf8_lossy(.0.reason()))]
+    ClientEnded(ApplicationClose),
+    #[error("client lost: {0}")]
+    Connection(ConnectionError),
     #[error("protocol violation: {0}")]
     Violation(&'static str),
     #[error("client did not read the reliable stream within {0:?}")]
@@ -41,6 +49,15 @@ enum SessionEnd {
     Opening(StreamOpeningError),
     #[error("server shutting down")]
     Shutdown,
+}
+
+impl From<ConnectionError> for SessionEnd {
+    fn from(e: ConnectionError) -> Self {
+        match e {
+            ConnectionError::ApplicationClosed(close) => SessionEnd::ClientEnded(close),
+            other => SessionEnd::Connection(other),
+        }
+    }
 }
 
 /// Accepts connection attempts until `token` is cancelled.
@@ -202,6 +219,16 @@ async fn handle(request: SessionRequest, shared: Arc<Shared>, token: Cancellatio
         debug!("opened");
         let end = run(&conn, &shared, &token, id).await;
         let (code, reason) = match &end {
+            SessionEnd::ClientEnded(_) => {
+                debug!("closed: {end}");
+                // Whatever code the client gave, the server's answer is "normal" (section 8).
+                // A no-op if the client already closed the QUIC connection itself.
+                conn.close(
+                    VarInt::from_u32(CloseCode::Normal.code()),
+                    CLIENT_ENDED.as_bytes(),
+                );
+                return;
+            }
             SessionEnd::Connection(e) => {
                 debug!("ended: {e}");
                 return;

@@ -11,9 +11,14 @@ import {
   decodeDatagram,
   decodeMessage,
   DecodeError,
+  checkHello,
+  wsCloseCode,
+  CloseCode,
   FrameDecoder,
   FleetView,
   MAX_FRAME_LEN,
+  MAX_PENDING,
+  PENDING_TICKS,
 } from '../../web-demo/fleetcast-wire.js';
 
 const vectors = JSON.parse(
@@ -36,7 +41,7 @@ function expectedMessage(m) {
 }
 
 test('vectors file has every case', () => {
-  assert.equal(vectors.stream.length, 6);
+  assert.equal(vectors.stream.length, 7);
   assert.ok(vectors.datagrams.length >= 3);
   assert.ok(vectors.invalid_datagrams.length >= 7);
 });
@@ -82,6 +87,33 @@ test('frames with unknown tags are skipped, trailing bytes ignored', () => {
   dec.push(Uint8Array.of(goodbye[0] + 2, ...goodbye.subarray(1), 0xaa, 0xbb));
   assert.equal(dec.next().type, 'Goodbye');
   assert.equal(dec.next(), null);
+});
+
+test('hello: bounds are read when present; a version other than 1 is refused', () => {
+  const hello = vectors.stream.find((v) => v.name === 'hello');
+  const body = hex(hello.hex).subarray(1); // one-byte length prefix
+  const m = decodeMessage(body);
+  assert.deepEqual(m.bounds, { south: 52.35, west: 4.86, north: 52.385932, east: 4.918825 });
+  assert.equal(decodeMessage(body.subarray(0, body.length - 32)).bounds, null);
+  assert.equal(decodeMessage(body.subarray(0, body.length - 9)).bounds, null, 'cut short');
+  assert.deepEqual(decodeMessage(Uint8Array.of(...body, 1, 2, 3)).bounds, m.bounds);
+  assert.equal(checkHello(m), m);
+  const v2 = { ...m, version: 2 };
+  assert.throws(() => checkHello(v2), (e) => e instanceof DecodeError && e.kind === 'UnsupportedVersion');
+  assert.equal(wsCloseCode(CloseCode.UnsupportedVersion), 4005);
+});
+
+test('non-canonical varints are accepted within the type limit; an empty frame body is not', () => {
+  const d = decodeDatagram(Uint8Array.of(1, 0x80, 0, 0x80, 0, 0x80, 0, 0x81, 0, 0x80, 0));
+  assert.deepEqual([d.tick, d.time_us, d.part, d.parts, d.cars.length], [0, 0, 0, 1, 0]);
+  assert.equal(decodeDatagram(Uint8Array.of(1, 0, 0, 0, 0x81, 0x80, 0, 0)).parts, 1);
+  assert.throws(() => decodeDatagram(Uint8Array.of(1, 0, 0, 0, 0x81, 0x80, 0x80, 0, 0)), DecodeError);
+  const dec = new FrameDecoder();
+  dec.push(Uint8Array.of(0x82, 0x00, 0x04, 0x00));
+  assert.deepEqual(dec.next(), { type: 'CarsRemoved', ids: [] });
+  const empty = new FrameDecoder();
+  empty.push(Uint8Array.of(0x00));
+  assert.throws(() => empty.next(), (e) => e instanceof DecodeError && e.kind === 'Truncated');
 });
 
 test('oversized and malformed frame lengths are rejected', () => {
@@ -139,7 +171,7 @@ test('u16 and u32 varints that overflow their type are rejected', () => {
   assert.throws(() => decodeMessage(Uint8Array.of(1, 1, 0, 1, 0xff)), DecodeError);
 });
 
-// FleetView mirrors src/proto/view.rs: the same cases as its unit tests.
+// FleetView mirrors crates/fleetcast-proto/src/view.rs: the same cases as its unit tests.
 const car = (id, x) => ({ id, x, y: 0, heading: 0, speed: 0, age: 0 });
 const part = (tick, p, n, cars) => ({ tick, time_us: tick * 1e6, part: p, parts: n, cars });
 function viewWith(ids, stateTick) {
@@ -160,14 +192,88 @@ test('view: a newer part replaces an older one, never the reverse', () => {
   assert.equal(v.cars.get(1).sample.x, 12);
 });
 
-test('view: unknown and removed cars are ignored', () => {
+const info = (id) => ({ id, label: `car ${id}` });
+const added = (...ids) => ({ type: 'CarsAdded', cars: ids.map(info) });
+const sampleCounts = (v) => {
+  const s = v.samples;
+  return [s.held, s.adopted, s.removed, s.expired, s.overflow];
+};
+
+test('view: removed cars are dropped, unknown ones held until added', () => {
   const v = viewWith([1, 2], 10);
   v.applyMessage({ type: 'CarsRemoved', ids: [2] });
   const o = v.applyPart(part(11, 0, 1, [car(1, 1), car(2, 1), car(3, 1)]));
-  assert.deepEqual([o.applied, o.unknown], [1, 2]);
+  assert.deepEqual([o.applied, o.pending, o.unknown], [1, 1, 1]);
   assert.ok(!v.cars.has(2));
-  v.applyMessage({ type: 'CarsAdded', cars: [{ id: 3, label: 'new' }] });
+  assert.ok(!v.cars.has(3), 'held, not on the roster yet');
+  assert.equal(v.pending.size, 1);
+  v.applyMessage(added(3));
+  assert.deepEqual([v.cars.get(3).sample.x, v.cars.get(3).tick], [1, 11]);
+  assert.equal(v.pending.size, 0);
   assert.equal(v.applyPart(part(12, 0, 1, [car(3, 5)])).applied, 1);
+  assert.deepEqual(sampleCounts(v), [1, 1, 1, 0, 0]);
+});
+
+test('view: pending keeps only the newest sample of an id', () => {
+  const v = viewWith([1], 10);
+  assert.equal(v.applyPart(part(12, 0, 1, [car(7, 12)])).pending, 1);
+  assert.equal(v.applyPart(part(11, 0, 1, [car(7, 11)])).stale, 1);
+  assert.equal(v.applyPart(part(13, 0, 1, [car(7, 13)])).pending, 1);
+  v.applyMessage(added(7));
+  assert.deepEqual([v.cars.get(7).sample.x, v.cars.get(7).tick], [13, 13]);
+  assert.deepEqual(sampleCounts(v), [2, 1, 0, 0, 0]);
+});
+
+test('view: a pending sample expires after PENDING_TICKS', () => {
+  const v = viewWith([1], 10);
+  v.applyPart(part(11, 0, 1, [car(7, 11)]));
+  v.applyPart(part(11 + PENDING_TICKS, 0, 1, [car(1, 0)]));
+  assert.equal(v.pending.size, 1);
+  v.applyPart(part(12 + PENDING_TICKS, 0, 1, [car(1, 0)]));
+  assert.equal(v.pending.size, 0);
+  assert.equal(v.samples.expired, 1);
+  v.applyMessage(added(7));
+  assert.equal(v.cars.get(7).sample, null);
+  const o = v.applyPart(part(11, 0, 1, [car(8, 11)]));
+  assert.deepEqual([o.pending, o.unknown], [0, 1]);
+  assert.equal(v.samples.expired, 2);
+});
+
+test('view: the pending set is capped at MAX_PENDING ids', () => {
+  const v = viewWith([], 10);
+  const cars = Array.from({ length: MAX_PENDING + 5 }, (_, id) => car(id, 1));
+  const o = v.applyPart(part(11, 0, 1, cars));
+  assert.deepEqual([o.pending, o.unknown], [MAX_PENDING, 5]);
+  assert.equal(v.samples.overflow, 5);
+  assert.equal(v.applyPart(part(12, 0, 1, [car(0, 2)])).pending, 1);
+});
+
+test('view: parts before the roster are held and sorted out by roster and state', () => {
+  const v = new FleetView();
+  v.applyPart(part(5, 0, 1, [car(1, 5), car(2, 5)]));
+  v.applyPart(part(7, 0, 1, [car(1, 7), car(3, 7)]));
+  assert.equal(v.pending.size, 3);
+  v.applyMessage({ type: 'Roster', cars: [info(1)] });
+  assert.equal(v.cars.get(1).sample.x, 7);
+  v.applyMessage({ type: 'State', tick: 6, time_us: 0, cars: [car(1, 6)] });
+  assert.equal(v.cars.get(1).sample.x, 7);
+  assert.equal(v.pending.size, 1);
+  assert.deepEqual(sampleCounts(v), [4, 1, 1, 0, 0]);
+  assert.equal(v.applyPart(part(6, 0, 1, [car(2, 6)])).unknown, 1);
+  v.applyMessage(added(3));
+  assert.equal(v.cars.get(3).tick, 7);
+});
+
+test('view: a relabel keeps the sample; a new roster removes the cars it lacks', () => {
+  const v = viewWith([1, 2], 10);
+  v.applyMessage({ type: 'CarsAdded', cars: [{ id: 1, label: 'renamed' }] });
+  assert.deepEqual([v.cars.get(1).label, v.cars.get(1).tick], ['renamed', 10]);
+  assert.notEqual(v.cars.get(1).sample, null);
+  v.applyMessage({ type: 'Roster', cars: [info(1), info(3)] });
+  assert.ok(!v.cars.has(2));
+  const o = v.applyPart(part(11, 0, 1, [car(2, 1), car(3, 1)]));
+  assert.deepEqual([o.applied, o.unknown], [1, 1]);
+  assert.equal(v.samples.removed, 1);
 });
 
 test('view: ticks count complete, partial, missed', () => {
@@ -195,6 +301,17 @@ test('view: reordered ticks within the window still complete; later ones are lat
   w.finish();
   const c = w.counts;
   assert.deepEqual([c.received, c.complete, c.missed, c.late_parts], [1, 1, 9, 1]);
+});
+
+test('view: ticks are counted as in the protocol example (section 7, rule 5)', () => {
+  const v = viewWith([1], 10);
+  for (const t of [11, 13, 12, 16, 14]) v.applyPart(part(t, 0, 1, []));
+  v.finish();
+  const c = v.counts;
+  assert.deepEqual([c.received, c.complete, c.missed, c.late_parts], [5, 5, 1, 0]);
+  const w = viewWith([1], 10);
+  for (const t of [11, 13, 15, 12]) w.applyPart(part(t, 0, 1, []));
+  assert.equal(w.counts.late_parts, 1);
 });
 
 test('view: parts before the state are sorted out when it arrives', () => {

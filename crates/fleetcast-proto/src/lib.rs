@@ -22,5 +22,6 @@ pub mod view;
 pub mod wire;
 
 pub use wire::{
-    CarInfo, CarSample, CloseCode, DecodeError, Hello, StreamMessage, TickPart, PROTOCOL_VERSION,
+    Bounds, CarInfo, CarSample, CloseCode, DecodeError, Hello, StreamMessage, TickPart,
+    PROTOCOL_VERSION,
 };

@@ -1,20 +1,31 @@
 //! The client's view of the fleet: applies the reliable stream and datagram parts, newest wins.
 //!
-//! Rules (PROTOCOL.md, "Applying updates"):
+//! Rules (PROTOCOL.md section 7, "Applying updates"):
 //! - a car's sample is replaced only by a sample from a strictly newer tick; duplicates,
 //!   reordered and stale parts change nothing;
-//! - only cars on the roster are drawn: datagram entries for unknown ids are ignored, so a car
-//!   removed on the stream is never resurrected by a late datagram;
+//! - only cars on the roster are drawn. A sample whose id is not on the roster yet (its
+//!   `CarsAdded` is still on its way: datagrams overtake the reliable stream) is held pending,
+//!   the newest per id, for [`PENDING_TICKS`] ticks and at most [`MAX_PENDING`] ids, and applied
+//!   when the roster event arrives. Samples of cars that left (removed, or missing from a newer
+//!   `State`) are dropped, so a removed car is never resurrected by a late datagram;
 //! - tick accounting starts after the tick of the first `State`: each later tick is counted once
 //!   as complete (all parts), partial (some parts) or missed (none), when it falls out of the
 //!   reorder window or when the session ends.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 
 use super::wire::{CarInfo, CarSample, Hello, State, StreamMessage, TickPart};
 
 /// Ticks a part may arrive late and still count towards its tick.
 pub const REORDER_WINDOW: u64 = 3;
+
+/// Ticks a sample of an id that is not on the roster is held for its roster event: it is
+/// dropped once a tick more than this much newer has been seen.
+pub const PENDING_TICKS: u64 = 8;
+
+/// Most ids whose samples are held pending at once; samples of further unknown ids are dropped.
+pub const MAX_PENDING: usize = 4096;
 
 /// What the view holds for one car.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,9 +45,13 @@ pub struct CarEntry {
 pub struct PartOutcome {
     /// Cars whose sample was replaced.
     pub applied: usize,
-    /// Cars skipped because the view already held the same or a newer tick.
+    /// Cars skipped because the view already held the same or a newer tick (on the roster or
+    /// pending).
     pub stale: usize,
-    /// Cars skipped because their id is not on the roster.
+    /// Cars whose id is not on the roster yet, held until their roster event arrives.
+    pub pending: usize,
+    /// Cars dropped because their id is not on the roster and the sample cannot be held: the car
+    /// left, the sample is older than [`PENDING_TICKS`], or [`MAX_PENDING`] ids are pending.
     pub unknown: usize,
     /// The exact part (tick, index) had been received before.
     pub duplicate: bool,
@@ -57,6 +72,33 @@ pub struct TickCounts {
     pub duplicate_parts: u64,
     /// Parts for ticks already finalised or older than the initial state.
     pub late_parts: u64,
+}
+
+/// What became of samples whose id was not on the roster when they arrived (since the view
+/// was made). A sample of a car that is still in the fleet was lost only if it `expired` or
+/// hit the `overflow`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SampleCounts {
+    /// Samples held pending (a newer sample of the same id replaces the held one).
+    pub held: u64,
+    /// Held samples applied when their car's `CarsAdded` or `Roster` arrived.
+    pub adopted: u64,
+    /// Samples dropped because no roster event named their car within [`PENDING_TICKS`] ticks
+    /// (held, or already that old when they arrived).
+    pub expired: u64,
+    /// Samples dropped because their car had left: removed by `CarsRemoved` or a `Roster`, or
+    /// absent from a `State` at least as new as the sample.
+    pub removed: u64,
+    /// Samples dropped because [`MAX_PENDING`] other ids were already pending.
+    pub overflow: u64,
+}
+
+/// A sample waiting for its car's roster event.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    sample: CarSample,
+    tick: u64,
+    time_us: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -205,6 +247,17 @@ pub struct FleetView {
     cars: HashMap<u32, CarEntry>,
     ticks: TickTracker,
     initial_cars: Option<usize>,
+    /// Newest sample of each id not on the roster, waiting for its roster event.
+    pending: HashMap<u32, Pending>,
+    /// Ids removed from the roster, with the newest tick seen when they were; forgotten
+    /// [`PENDING_TICKS`] ticks later (ids are never reused, so this only classifies late
+    /// samples of departed cars).
+    removed: HashMap<u32, u64>,
+    /// Newest tick seen in a `State` or a part.
+    newest: Option<u64>,
+    /// Tick of the newest `State`: every car of that tick was in it.
+    state_tick: Option<u64>,
+    samples: SampleCounts,
 }
 
 impl FleetView {
@@ -233,6 +286,16 @@ impl FleetView {
         self.ticks.counts()
     }
 
+    /// What became of samples of ids that were not on the roster.
+    pub fn samples(&self) -> SampleCounts {
+        self.samples
+    }
+
+    /// Ids whose samples are held pending right now.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
     /// Applies one message from the reliable stream.
     pub fn apply_message(&mut self, msg: StreamMessage) {
         match msg {
@@ -240,7 +303,15 @@ impl FleetView {
             StreamMessage::Roster(roster) => {
                 let keep: HashMap<u32, String> =
                     roster.into_iter().map(|c| (c.id, c.label)).collect();
-                self.cars.retain(|id, _| keep.contains_key(id));
+                let gone: Vec<u32> = self
+                    .cars
+                    .keys()
+                    .filter(|id| !keep.contains_key(id))
+                    .copied()
+                    .collect();
+                for id in gone {
+                    self.remove_car(id);
+                }
                 for (id, label) in keep {
                     self.add_car(CarInfo { id, label });
                 }
@@ -252,7 +323,7 @@ impl FleetView {
             }
             StreamMessage::CarsRemoved(ids) => {
                 for id in ids {
-                    self.cars.remove(&id);
+                    self.remove_car(id);
                 }
             }
             StreamMessage::State(state) => self.apply_state(state),
@@ -260,16 +331,33 @@ impl FleetView {
         }
     }
 
+    /// Puts a car on the roster (or relabels it), with its pending sample if one is held.
     fn add_car(&mut self, info: CarInfo) {
-        self.cars
-            .entry(info.id)
-            .and_modify(|e| e.label.clone_from(&info.label))
-            .or_insert(CarEntry {
-                label: info.label,
-                sample: None,
-                tick: 0,
-                time_us: 0,
-            });
+        self.removed.remove(&info.id);
+        match self.cars.entry(info.id) {
+            Entry::Occupied(mut e) => e.get_mut().label = info.label,
+            Entry::Vacant(e) => {
+                let held = self.pending.remove(&info.id);
+                if held.is_some() {
+                    self.samples.adopted += 1;
+                }
+                e.insert(CarEntry {
+                    label: info.label,
+                    sample: held.map(|p| p.sample),
+                    tick: held.map_or(0, |p| p.tick),
+                    time_us: held.map_or(0, |p| p.time_us),
+                });
+            }
+        }
+    }
+
+    /// Takes a car off the roster and remembers that it left.
+    fn remove_car(&mut self, id: u32) {
+        self.cars.remove(&id);
+        if self.pending.remove(&id).is_some() {
+            self.samples.removed += 1;
+        }
+        self.removed.insert(id, self.newest.unwrap_or(0));
     }
 
     fn apply_state(&mut self, state: State) {
@@ -277,6 +365,12 @@ impl FleetView {
             self.initial_cars = Some(state.cars.0.len());
         }
         self.apply_cars(state.tick, state.time_us, &state.cars.0);
+        // The state holds every car of its tick: a held sample of that tick or older belongs to
+        // a car that had left by then.
+        self.state_tick = Some(self.state_tick.map_or(state.tick, |t| t.max(state.tick)));
+        let before = self.pending.len();
+        self.pending.retain(|_, p| p.tick > state.tick);
+        self.samples.removed += (before - self.pending.len()) as u64;
         self.ticks.start_after(state.tick);
     }
 
@@ -289,10 +383,11 @@ impl FleetView {
     }
 
     fn apply_cars(&mut self, tick: u64, time_us: u64, cars: &[CarSample]) -> PartOutcome {
+        self.advance(tick);
         let mut outcome = PartOutcome::default();
         for car in cars {
             match self.cars.get_mut(&car.id) {
-                None => outcome.unknown += 1,
+                None => self.hold(car, tick, time_us, &mut outcome),
                 Some(entry) if entry.sample.is_some() && entry.tick >= tick => outcome.stale += 1,
                 Some(entry) => {
                     entry.sample = Some(*car);
@@ -303,6 +398,58 @@ impl FleetView {
             }
         }
         outcome
+    }
+
+    /// A sample of an id that is not on the roster: hold it for its roster event, or drop it.
+    fn hold(&mut self, car: &CarSample, tick: u64, time_us: u64, outcome: &mut PartOutcome) {
+        let newest = self.newest.unwrap_or(tick);
+        let samples = &mut self.samples;
+        if self.removed.contains_key(&car.id) || self.state_tick.is_some_and(|s| tick <= s) {
+            samples.removed += 1;
+            outcome.unknown += 1;
+            return;
+        }
+        if tick.saturating_add(PENDING_TICKS) < newest {
+            samples.expired += 1;
+            outcome.unknown += 1;
+            return;
+        }
+        let held = Pending {
+            sample: *car,
+            tick,
+            time_us,
+        };
+        let room = self.pending.len() < MAX_PENDING;
+        match self.pending.entry(car.id) {
+            Entry::Occupied(e) if e.get().tick >= tick => outcome.stale += 1,
+            Entry::Occupied(mut e) => {
+                e.insert(held);
+                samples.held += 1;
+                outcome.pending += 1;
+            }
+            Entry::Vacant(_) if !room => {
+                samples.overflow += 1;
+                outcome.unknown += 1;
+            }
+            Entry::Vacant(e) => {
+                e.insert(held);
+                samples.held += 1;
+                outcome.pending += 1;
+            }
+        }
+    }
+
+    /// Notes the newest tick seen; drops held samples and removals that are now too old.
+    fn advance(&mut self, tick: u64) {
+        if self.newest.is_some_and(|n| n >= tick) {
+            return;
+        }
+        self.newest = Some(tick);
+        let keep = |t: u64| t.saturating_add(PENDING_TICKS) >= tick;
+        let before = self.pending.len();
+        self.pending.retain(|_, p| keep(p.tick));
+        self.samples.expired += (before - self.pending.len()) as u64;
+        self.removed.retain(|_, &mut at| keep(at));
     }
 
     /// Finalises tick accounting at the end of a session.
@@ -365,18 +512,124 @@ mod tests {
         assert_eq!(v.cars()[&1].sample.unwrap().x, 12);
     }
 
+    fn info(id: u32) -> CarInfo {
+        CarInfo {
+            id,
+            label: format!("car {id}"),
+        }
+    }
+
     #[test]
-    fn apply_ignores_unknown_and_removed_cars() {
+    fn apply_drops_removed_cars_and_holds_unknown_ones_until_added() {
         let mut v = view_with(&[1, 2], 10);
         v.apply_message(StreamMessage::CarsRemoved(vec![2]));
         let o = v.apply_part(&part(11, 0, 1, vec![car(1, 1), car(2, 1), car(3, 1)]));
-        assert_eq!((o.applied, o.unknown), (1, 2));
-        assert!(!v.cars().contains_key(&2));
-        v.apply_message(StreamMessage::CarsAdded(vec![CarInfo {
-            id: 3,
-            label: "new".into(),
-        }]));
+        assert_eq!((o.applied, o.pending, o.unknown), (1, 1, 1));
+        assert!(!v.cars().contains_key(&2), "a removed car stays removed");
+        assert!(!v.cars().contains_key(&3), "held, not on the roster yet");
+        assert_eq!(v.pending(), 1);
+        v.apply_message(StreamMessage::CarsAdded(vec![info(3)]));
+        let three = &v.cars()[&3];
+        assert_eq!((three.sample.unwrap().x, three.tick), (1, 11));
+        assert_eq!(v.pending(), 0);
         assert_eq!(v.apply_part(&part(12, 0, 1, vec![car(3, 5)])).applied, 1);
+        let s = v.samples();
+        assert_eq!(
+            (s.held, s.adopted, s.removed, s.expired, s.overflow),
+            (1, 1, 1, 0, 0)
+        );
+    }
+
+    #[test]
+    fn pending_keeps_only_the_newest_sample_of_an_id() {
+        let mut v = view_with(&[1], 10);
+        assert_eq!(v.apply_part(&part(12, 0, 1, vec![car(7, 12)])).pending, 1);
+        assert_eq!(v.apply_part(&part(11, 0, 1, vec![car(7, 11)])).stale, 1);
+        assert_eq!(v.apply_part(&part(13, 0, 1, vec![car(7, 13)])).pending, 1);
+        v.apply_message(StreamMessage::CarsAdded(vec![info(7)]));
+        assert_eq!(v.cars()[&7].sample.unwrap().x, 13);
+        assert_eq!(v.cars()[&7].tick, 13);
+        let s = v.samples();
+        assert_eq!((s.held, s.adopted, s.expired), (2, 1, 0));
+    }
+
+    #[test]
+    fn pending_sample_expires_after_pending_ticks() {
+        let mut v = view_with(&[1], 10);
+        v.apply_part(&part(11, 0, 1, vec![car(7, 11)]));
+        v.apply_part(&part(11 + PENDING_TICKS, 0, 1, vec![car(1, 0)]));
+        assert_eq!(v.pending(), 1, "still within {PENDING_TICKS} ticks");
+        v.apply_part(&part(12 + PENDING_TICKS, 0, 1, vec![car(1, 0)]));
+        assert_eq!(v.pending(), 0);
+        assert_eq!(v.samples().expired, 1);
+        // Its roster event comes too late: the car is added without a sample.
+        v.apply_message(StreamMessage::CarsAdded(vec![info(7)]));
+        assert_eq!(v.cars()[&7].sample, None);
+        // A sample that is already that old when it arrives is not held at all.
+        let o = v.apply_part(&part(11, 0, 1, vec![car(8, 11)]));
+        assert_eq!((o.pending, o.unknown), (0, 1));
+        assert_eq!(v.samples().expired, 2);
+    }
+
+    #[test]
+    fn pending_set_is_capped_at_max_pending_ids() {
+        let mut v = view_with(&[], 10);
+        let cars: Vec<CarSample> = (0..MAX_PENDING as u32 + 5).map(|id| car(id, 1)).collect();
+        let o = v.apply_part(&part(11, 0, 1, cars));
+        assert_eq!((o.pending, o.unknown), (MAX_PENDING, 5));
+        assert_eq!(v.samples().overflow, 5);
+        assert_eq!(v.pending(), MAX_PENDING);
+        // A held id still takes newer samples while the set is full.
+        assert_eq!(v.apply_part(&part(12, 0, 1, vec![car(0, 2)])).pending, 1);
+    }
+
+    #[test]
+    fn parts_before_the_roster_are_held_and_sorted_out_by_roster_and_state() {
+        let mut v = FleetView::new();
+        // Datagrams overtook the whole initial state: car 2 left before tick 6.
+        v.apply_part(&part(5, 0, 1, vec![car(1, 5), car(2, 5)]));
+        v.apply_part(&part(7, 0, 1, vec![car(1, 7), car(3, 7)]));
+        assert_eq!(v.pending(), 3);
+        v.apply_message(StreamMessage::Roster(vec![info(1)]));
+        assert_eq!(v.cars()[&1].sample.unwrap().x, 7, "held sample adopted");
+        v.apply_message(StreamMessage::State(State {
+            tick: 6,
+            time_us: 0,
+            cars: CarList(vec![car(1, 6)]),
+        }));
+        assert_eq!(v.cars()[&1].sample.unwrap().x, 7, "the state is older");
+        // Car 2's tick-5 sample predates the state it is missing from: it left.
+        assert_eq!(v.pending(), 1, "car 3 joined after the state");
+        let s = v.samples();
+        assert_eq!((s.held, s.adopted, s.removed, s.expired), (4, 1, 1, 0));
+        // A late sample no newer than the state, of a car not in it, is dropped at once.
+        let o = v.apply_part(&part(6, 0, 1, vec![car(2, 6)]));
+        assert_eq!(o.unknown, 1);
+        v.apply_message(StreamMessage::CarsAdded(vec![info(3)]));
+        assert_eq!(v.cars()[&3].tick, 7);
+    }
+
+    #[test]
+    fn relabel_keeps_the_sample() {
+        let mut v = view_with(&[1], 10);
+        v.apply_message(StreamMessage::CarsAdded(vec![CarInfo {
+            id: 1,
+            label: "renamed".into(),
+        }]));
+        let one = &v.cars()[&1];
+        assert_eq!((one.label.as_str(), one.tick), ("renamed", 10));
+        assert!(one.sample.is_some());
+    }
+
+    #[test]
+    fn roster_replacement_removes_the_cars_it_lacks() {
+        let mut v = view_with(&[1, 2], 10);
+        v.apply_message(StreamMessage::Roster(vec![info(1), info(3)]));
+        assert!(!v.cars().contains_key(&2));
+        assert_eq!(v.cars()[&3].sample, None);
+        let o = v.apply_part(&part(11, 0, 1, vec![car(2, 1), car(3, 1)]));
+        assert_eq!((o.applied, o.unknown), (1, 1));
+        assert_eq!(v.samples().removed, 1);
     }
 
     #[test]
@@ -395,6 +648,26 @@ mod tests {
             (3, 2, 1, 1),
             "{c:?}"
         );
+    }
+
+    #[test]
+    fn ticks_counted_as_in_the_protocol_example() {
+        // PROTOCOL.md section 7, rule 5.
+        let mut v = view_with(&[1], 10);
+        for t in [11, 13, 12, 16, 14] {
+            v.apply_part(&part(t, 0, 1, vec![]));
+        }
+        v.finish();
+        let c = v.counts();
+        assert_eq!(
+            (c.received, c.complete, c.missed, c.late_parts),
+            (5, 5, 1, 0)
+        );
+        let mut v = view_with(&[1], 10);
+        for t in [11, 13, 15, 12] {
+            v.apply_part(&part(t, 0, 1, vec![]));
+        }
+        assert_eq!(v.counts().late_parts, 1);
     }
 
     #[test]

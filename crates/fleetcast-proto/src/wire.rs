@@ -126,7 +126,10 @@ pub struct CarInfo {
 }
 
 /// First message on every session's reliable stream.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// `bounds` was appended within version 1: it is encoded after `server` when present, and a
+/// hello that ends after `server` (an older server) decodes with `bounds: None`.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Hello {
     /// Protocol version the server speaks ([`PROTOCOL_VERSION`]).
     pub version: u16,
@@ -138,6 +141,82 @@ pub struct Hello {
     pub quant: Quantisation,
     /// Free-form server identification, e.g. `fleetcast/0.1.0`.
     pub server: String,
+    /// The served area; every car is inside it. `None` from servers that predate it.
+    pub bounds: Option<Bounds>,
+}
+
+impl Hello {
+    /// Whether this client speaks the server's protocol version. A client that does not must
+    /// close the session with [`CloseCode::UnsupportedVersion`] (PROTOCOL.md section 4.2).
+    pub fn version_supported(&self) -> bool {
+        self.version == PROTOCOL_VERSION
+    }
+}
+
+/// A bounding box in degrees (WGS 84): the area a server serves.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Bounds {
+    /// Southern edge, degrees of latitude.
+    pub south: f64,
+    /// Western edge, degrees of longitude.
+    pub west: f64,
+    /// Northern edge, degrees of latitude.
+    pub north: f64,
+    /// Eastern edge, degrees of longitude.
+    pub east: f64,
+}
+
+const HELLO_FIELDS: &[&str] = &[
+    "version",
+    "tick_interval_ms",
+    "server_time_us",
+    "quant",
+    "server",
+    "bounds",
+];
+
+impl Serialize for Hello {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let fields = if self.bounds.is_some() { 6 } else { 5 };
+        let mut st = serializer.serialize_struct("Hello", fields)?;
+        st.serialize_field("version", &self.version)?;
+        st.serialize_field("tick_interval_ms", &self.tick_interval_ms)?;
+        st.serialize_field("server_time_us", &self.server_time_us)?;
+        st.serialize_field("quant", &self.quant)?;
+        st.serialize_field("server", &self.server)?;
+        // No Option tag on the wire: the bounds are simply there, or the hello ends.
+        if let Some(bounds) = &self.bounds {
+            st.serialize_field("bounds", bounds)?;
+        }
+        st.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for Hello {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct HelloVisitor;
+        impl<'de> Visitor<'de> for HelloVisitor {
+            type Value = Hello;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a hello")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Hello, A::Error> {
+                let missing = |i| de::Error::invalid_length(i, &"a hello");
+                Ok(Hello {
+                    version: seq.next_element()?.ok_or_else(|| missing(0))?,
+                    tick_interval_ms: seq.next_element()?.ok_or_else(|| missing(1))?,
+                    server_time_us: seq.next_element()?.ok_or_else(|| missing(2))?,
+                    quant: seq.next_element()?.ok_or_else(|| missing(3))?,
+                    server: seq.next_element()?.ok_or_else(|| missing(4))?,
+                    // A hello is the whole frame body: when it ends after `server` (or the
+                    // bounds are cut short), there are no bounds.
+                    bounds: seq.next_element::<Bounds>().ok().flatten(),
+                })
+            }
+        }
+        deserializer.deserialize_struct("Hello", HELLO_FIELDS, HelloVisitor)
+    }
 }
 
 /// The state of every car at one tick.
@@ -621,6 +700,82 @@ mod tests {
         let mut dec = FrameDecoder::new();
         dec.push(&[0xff; 6]);
         assert_eq!(dec.next_message(), Err(DecodeError::BadLength));
+    }
+
+    #[test]
+    fn non_canonical_varints_are_accepted_within_the_type_limit() {
+        // PROTOCOL.md section 3: `80 00` is 0, `81 00` is 1. tick, time_us, part as `80 00`,
+        // parts as `81 00`, car count as `80 00`.
+        let part = TickPart::decode(&[1, 0x80, 0, 0x80, 0, 0x80, 0, 0x81, 0, 0x80, 0]).unwrap();
+        assert_eq!(
+            (part.tick, part.time_us, part.part, part.parts),
+            (0, 0, 0, 1)
+        );
+        assert!(part.cars.0.is_empty());
+        // A u16 takes at most 3 bytes: `81 80 00` is 1, `81 80 80 00` is too long.
+        assert_eq!(
+            TickPart::decode(&[1, 0, 0, 0, 0x81, 0x80, 0, 0])
+                .unwrap()
+                .parts,
+            1
+        );
+        assert!(TickPart::decode(&[1, 0, 0, 0, 0x81, 0x80, 0x80, 0, 0]).is_err());
+        // The frame length prefix too: `82 00` is a 2-byte body (CarsRemoved, no ids).
+        let mut dec = FrameDecoder::new();
+        dec.push(&[0x82, 0x00, 0x04, 0x00]);
+        assert_eq!(
+            dec.next_message(),
+            Ok(Some(StreamMessage::CarsRemoved(vec![])))
+        );
+    }
+
+    #[test]
+    fn frame_with_an_empty_body_is_malformed() {
+        let mut dec = FrameDecoder::new();
+        dec.push(&[0x00]);
+        assert_eq!(dec.next_message(), Err(DecodeError::Truncated));
+    }
+
+    #[test]
+    fn hello_bounds_are_read_when_present_and_optional() {
+        let hello = Hello {
+            version: 1,
+            tick_interval_ms: 1000,
+            server_time_us: 7,
+            quant: Quantisation::for_area(52.35, 4.86, 4000.0),
+            server: "s".into(),
+            bounds: Some(Bounds {
+                south: 1.0,
+                west: 2.0,
+                north: 3.0,
+                east: 4.0,
+            }),
+        };
+        let body = postcard::to_stdvec(&StreamMessage::Hello(hello.clone())).unwrap();
+        let decode = |b: &[u8]| match StreamMessage::decode_body(b) {
+            Ok(Some(StreamMessage::Hello(h))) => h,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(decode(&body), hello);
+        // Later revisions may append more: ignored.
+        let mut longer = body.clone();
+        longer.extend_from_slice(&[9; 5]);
+        assert_eq!(decode(&longer), hello);
+        // A server from before the bounds, and bounds cut short: no bounds, the rest intact.
+        let without = Hello {
+            bounds: None,
+            ..hello.clone()
+        };
+        assert_eq!(decode(&body[..body.len() - 32]), without);
+        assert_eq!(decode(&body[..body.len() - 9]), without);
+        // Cut inside `server`: still an error.
+        assert!(StreamMessage::decode_body(&body[..body.len() - 33]).is_err());
+        assert!(hello.version_supported());
+        assert!(!Hello {
+            version: 2,
+            ..hello
+        }
+        .version_supported());
     }
 
     #[test]

@@ -3,9 +3,9 @@
 
 use fleetcast_proto::pack::pack_tick;
 use fleetcast_proto::quant::Quantisation;
-use fleetcast_proto::view::FleetView;
+use fleetcast_proto::view::{FleetView, PENDING_TICKS};
 use fleetcast_proto::wire::{
-    CarInfo, CarList, CarSample, FrameDecoder, Hello, State, StreamMessage, TickPart,
+    Bounds, CarInfo, CarList, CarSample, FrameDecoder, Hello, State, StreamMessage, TickPart,
 };
 use proptest::prelude::*;
 
@@ -43,14 +43,15 @@ fn message() -> impl Strategy<Value = StreamMessage> {
             any::<f64>(),
             any::<f32>(),
             any::<f32>(),
-            ".{0,30}"
+            ".{0,30}",
+            prop::option::of(any::<[i16; 4]>()),
         )
             .prop_filter("NaN never equals itself", |t| !t.3.is_nan()
                 && !t.4.is_nan()
                 && !t.5.is_nan()
                 && !t.6.is_nan())
             .prop_map(
-                |(version, tick_interval_ms, server_time_us, lat, lon, unit, speed, server)| {
+                |(version, tick_interval_ms, server_time_us, lat, lon, unit, speed, server, b)| {
                     StreamMessage::Hello(Hello {
                         version,
                         tick_interval_ms,
@@ -62,6 +63,12 @@ fn message() -> impl Strategy<Value = StreamMessage> {
                             speed_unit_mps: speed,
                         },
                         server,
+                        bounds: b.map(|b| Bounds {
+                            south: f64::from(b[0]) / 100.0,
+                            west: f64::from(b[1]) / 100.0,
+                            north: f64::from(b[2]) / 100.0,
+                            east: f64::from(b[3]) / 100.0,
+                        }),
                     })
                 }
             ),
@@ -167,5 +174,35 @@ proptest! {
         let c = view.counts();
         // Once finished, every received tick was settled as complete or partial.
         prop_assert_eq!(c.complete + c.partial, c.received);
+    }
+
+    #[test]
+    fn view_keeps_the_newest_sample_of_a_car_whose_roster_event_comes_late(
+        ticks in prop::collection::vec(1u64..=PENDING_TICKS, 1..20),
+        added_after in 0usize..20,
+    ) {
+        // Car 9 joins after the initial state; its samples arrive in any order, some or all
+        // of them before its CarsAdded (datagrams overtake the stream).
+        let mut view = FleetView::new();
+        view.apply_message(StreamMessage::Roster(vec![]));
+        view.apply_message(StreamMessage::State(State { tick: 0, time_us: 0, cars: CarList(vec![]) }));
+        let added = || StreamMessage::CarsAdded(vec![CarInfo { id: 9, label: "new".into() }]);
+        for (i, &tick) in ticks.iter().enumerate() {
+            if i == added_after {
+                view.apply_message(added());
+            }
+            let car = CarSample { id: 9, x: tick as u16, ..Default::default() };
+            view.apply_part(&TickPart { tick, time_us: tick, part: 0, parts: 1, cars: CarList(vec![car]) });
+        }
+        if added_after >= ticks.len() {
+            view.apply_message(added());
+        }
+        let newest = *ticks.iter().max().unwrap();
+        let entry = &view.cars()[&9];
+        prop_assert_eq!(entry.tick, newest);
+        prop_assert_eq!(u64::from(entry.sample.unwrap().x), newest);
+        let s = view.samples();
+        prop_assert_eq!((s.expired, s.overflow, s.removed), (0, 0, 0));
+        prop_assert_eq!(view.pending(), 0);
     }
 }

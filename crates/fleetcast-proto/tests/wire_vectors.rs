@@ -6,9 +6,10 @@
 //! against the same file. Regenerate after a deliberate format change with
 //! `FLEETCAST_BLESS=1 cargo test --test wire_vectors` and say so in PROTOCOL.md.
 
+use fleetcast_proto::pack::pack_tick;
 use fleetcast_proto::quant::Quantisation;
 use fleetcast_proto::wire::{
-    CarInfo, CarList, CarSample, FrameDecoder, Hello, State, StreamMessage, TickPart,
+    Bounds, CarInfo, CarList, CarSample, FrameDecoder, Hello, State, StreamMessage, TickPart,
 };
 use serde_json::{json, Value};
 
@@ -29,7 +30,9 @@ fn message_json(msg: &StreamMessage) -> Value {
             "quant": {"origin_lat_deg": h.quant.origin_lat_deg,
                       "origin_lon_deg": h.quant.origin_lon_deg,
                       "unit_m": h.quant.unit_m, "speed_unit_mps": h.quant.speed_unit_mps},
-            "server": h.server}),
+            "server": h.server,
+            "bounds": h.bounds.map(|b| json!({"south": b.south, "west": b.west,
+                                               "north": b.north, "east": b.east}))}),
         StreamMessage::Roster(cars) => json!({"type": "Roster", "cars": cars.iter()
             .map(|c| json!({"id": c.id, "label": c.label})).collect::<Vec<_>>()}),
         StreamMessage::State(s) => json!({"type": "State", "tick": s.tick,
@@ -69,6 +72,13 @@ fn stream_cases() -> Vec<(&'static str, StreamMessage)> {
                 server_time_us: 1_764_072_000_123_456,
                 quant: Quantisation::for_area(52.35, 4.86, 4000.0),
                 server: "fleetcast/0.1.0".into(),
+                // The 4 km square from the origin, to about 0.1 m.
+                bounds: Some(Bounds {
+                    south: 52.35,
+                    west: 4.86,
+                    north: 52.385932,
+                    east: 4.918825,
+                }),
             }),
         ),
         (
@@ -111,6 +121,18 @@ fn stream_cases() -> Vec<(&'static str, StreamMessage)> {
                 reason: "server shutting down".into(),
             },
         ),
+        // What servers sent before the bounds were appended: decoders must still take it.
+        (
+            "hello_without_bounds",
+            StreamMessage::Hello(Hello {
+                version: 1,
+                tick_interval_ms: 1000,
+                server_time_us: 1_764_072_000_123_456,
+                quant: Quantisation::for_area(52.35, 4.86, 4000.0),
+                server: "fleetcast/0.1.0".into(),
+                bounds: None,
+            }),
+        ),
     ]
 }
 
@@ -150,7 +172,67 @@ fn datagram_cases() -> Vec<(&'static str, TickPart)> {
                 cars: CarList(vec![]),
             },
         ),
+        // One tick in three parts: what pack_tick makes of MULTI_PART_CARS under a 40-byte
+        // budget (checked below). Each part's first car carries its absolute id.
+        ("multi_part_0", multi_part(0, &MULTI_PART_CARS[0..2])),
+        ("multi_part_1", multi_part(1, &MULTI_PART_CARS[2..4])),
+        ("multi_part_2", multi_part(2, &MULTI_PART_CARS[4..5])),
     ]
+}
+
+/// The cars of the multi-part tick.
+const MULTI_PART_CARS: [CarSample; 5] = [
+    CarSample {
+        id: 0,
+        x: 1000,
+        y: 2000,
+        heading: 0,
+        speed: 40,
+        age: 0,
+    },
+    CarSample {
+        id: 1,
+        x: 1010,
+        y: 2010,
+        heading: 64,
+        speed: 41,
+        age: 1,
+    },
+    CarSample {
+        id: 2,
+        x: 1020,
+        y: 2020,
+        heading: 128,
+        speed: 42,
+        age: 2,
+    },
+    CarSample {
+        id: 3,
+        x: 1030,
+        y: 2030,
+        heading: 192,
+        speed: 43,
+        age: 3,
+    },
+    CarSample {
+        id: 300,
+        x: 1040,
+        y: 2040,
+        heading: 255,
+        speed: 44,
+        age: 4,
+    },
+];
+
+/// Tick 43 of the multi-part vectors, part `part` of 3.
+fn multi_part(part: u16, cars: &[CarSample]) -> TickPart {
+    TickPart {
+        tick: 43,
+        time_us: 1_764_072_043_000_000,
+        part,
+        parts: 3,
+        cars: CarList(cars.to_vec()),
+    }
 }
 
 /// Bytes every decoder must reject, with the reason.
@@ -209,6 +291,17 @@ fn vectors_match_the_committed_file() {
         committed, built,
         "the wire format changed: if deliberate, bless the vectors and update PROTOCOL.md"
     );
+}
+
+#[test]
+fn multi_part_vectors_are_what_pack_tick_makes() {
+    let packed = pack_tick(43, 1_764_072_043_000_000, &MULTI_PART_CARS, 40).unwrap();
+    let vectors: Vec<Vec<u8>> = datagram_cases()
+        .into_iter()
+        .filter(|(name, _)| name.starts_with("multi_part"))
+        .map(|(_, part)| part.encode().unwrap())
+        .collect();
+    assert_eq!(packed, vectors);
 }
 
 #[test]

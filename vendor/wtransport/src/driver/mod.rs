@@ -306,10 +306,12 @@ mod worker {
 
             match &error {
                 DriverError::ApplicationClosed(_) => {
-                    // Termination procedure
+                    // The peer ended the session (CLOSE_WEBTRANSPORT_SESSION or FIN on the
+                    // CONNECT stream). The application closes the QUIC connection with its own
+                    // code: it learns of the end from `Connection`'s methods, which now return
+                    // `ConnectionError::ApplicationClosed`. Dropping the `Connection` closes it
+                    // with code 0. (fleetcast patch; see `FLEETCAST-PATCH.md`.)
                     // TODO Reset send sides of all streams with SessionGone error
-                    self.quic_connection
-                        .close(varint_w2q(ErrorCode::NoError.to_code()), b"");
                 }
                 DriverError::Proto(error_code) => {
                     self.quic_connection
