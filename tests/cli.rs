@@ -113,6 +113,68 @@ fn watch_json_reports_the_whole_fleet_and_every_tick() {
     }
 }
 
+/// Runs `fleetcast serve` with `extra`, expecting it to refuse to start; returns its stderr.
+fn serve_refuses(extra: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--wt-listen",
+            "[::1]:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--cert-dir")
+        .arg(dir.path())
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("serve {extra:?} still running: it should have refused to start");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "serve {extra:?} succeeded: {stderr}");
+    assert_eq!(status.code(), Some(1), "serve {extra:?}: {stderr}");
+    assert!(
+        !stderr.contains("panicked"),
+        "serve {extra:?} panicked: {stderr}"
+    );
+    stderr
+}
+
+#[test]
+fn impossible_options_are_refused_at_start_up_with_the_option_named() {
+    for (args, named) in [
+        (&["--datagram-budget", "1500"][..], "--datagram-budget"),
+        (&["--max-handshakes", "0"], "--max-handshakes"),
+        (&["--max-sessions", "0"], "--max-sessions"),
+        (&["--idle-timeout", "0s"], "--idle-timeout"),
+        (&["--write-timeout", "0s"], "--write-timeout"),
+        (&["--handshake-timeout", "0s"], "--handshake-timeout"),
+        (&["--shutdown-timeout", "2h"], "--shutdown-timeout"),
+        (
+            &["--datagram-send-buffer", "1KiB"],
+            "--datagram-send-buffer",
+        ),
+        (&["--cars", "0", "--churn-ticks", "5"], "--churn-ticks"),
+    ] {
+        let stderr = serve_refuses(args);
+        assert!(stderr.contains(named), "{args:?}: {stderr}");
+    }
+}
+
 #[test]
 fn watch_with_a_wrong_certificate_hash_never_connects() {
     let server = serve(&[]);
