@@ -423,3 +423,28 @@ async fn metrics_expose_sessions_datagrams_fanout_and_process() {
         0.0
     );
 }
+
+#[tokio::test]
+async fn healthz_fails_with_503_while_the_tick_loop_is_behind_or_stopped() {
+    let ts = TestServer::start(|_| {}).await;
+    let (status, body) = ts.health().await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "ok", "{body}");
+
+    // Behind: no tick for more than three 100 ms intervals and a second.
+    let pause = ts.server.danger_pause_ticks().await;
+    let body = ts.health_becomes(503, Duration::from_secs(5)).await;
+    assert_eq!(body["status"], "unhealthy", "{body}");
+    let reason = body["reason"].as_str().unwrap();
+    assert!(reason.starts_with("no tick for"), "{body}");
+    assert!(body["last_tick_ms_ago"].as_u64().unwrap() > 1300, "{body}");
+    // Back on time once ticks resume.
+    drop(pause);
+    let body = ts.health_becomes(200, Duration::from_secs(5)).await;
+    assert_eq!(body["reason"], serde_json::Value::Null, "{body}");
+
+    // Stopped: the tick thread panics, the process and its HTTP side live on.
+    ts.server.danger_panic_tick_loop();
+    let body = ts.health_becomes(503, Duration::from_secs(5)).await;
+    assert_eq!(body["reason"], "the tick loop has stopped", "{body}");
+}

@@ -104,21 +104,32 @@ async fn config(State(shared): State<Arc<Shared>>) -> Response {
     .into_response()
 }
 
+/// `GET /healthz`: 200 while the tick loop runs on time, 503 with the reason once it has
+/// stopped or fallen behind (no tick for three intervals and a second), so an orchestrator
+/// restarts the process.
 async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
     let latest = shared.latest.borrow().clone();
     let mut counters = serde_json::Map::new();
     for (name, value) in shared.stats.snapshot() {
         counters.insert(name.to_string(), value.into());
     }
-    Json(serde_json::json!({
-        "status": "ok",
+    let period = std::time::Duration::from_millis(u64::from(shared.args.tick_ms));
+    let health = shared.tick_health.check(period);
+    let status = match &health {
+        Ok(()) => StatusCode::OK,
+        Err(_) => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    let body = serde_json::json!({
+        "status": if health.is_ok() { "ok" } else { "unhealthy" },
+        "reason": health.err(),
+        "last_tick_ms_ago": shared.tick_health.since_last_tick().as_millis() as u64,
         "session_path": SESSION_PATH,
         "sessions": shared.sessions.load(Ordering::Relaxed),
         "tick": latest.tick,
         "cars": latest.cars.len(),
         "counters": counters,
-    }))
-    .into_response()
+    });
+    (status, Json(body)).into_response()
 }
 
 async fn roads(State(shared): State<Arc<Shared>>) -> Response {

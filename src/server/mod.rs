@@ -106,6 +106,12 @@ pub(crate) struct Shared {
     pub wt_port: u16,
     /// The newest tick for WebSocket sessions; only the newest is kept.
     pub ticks: watch::Sender<Arc<EncodedTick>>,
+    /// Whether the tick loop is alive and on time (`/healthz`).
+    pub tick_health: feed::TickHealth,
+    /// Held by the tick loop during each tick; tests hold it to stop ticks.
+    pub tick_gate: tokio::sync::Mutex<()>,
+    /// Set by a test to make the tick loop panic at its next tick.
+    pub tick_panic: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -236,6 +242,9 @@ impl Server {
             roads,
             wt_port: wt_addr.port(),
             ticks: watch::Sender::new(Arc::new(EncodedTick::default())),
+            tick_health: feed::TickHealth::default(),
+            tick_gate: tokio::sync::Mutex::new(()),
+            tick_panic: std::sync::atomic::AtomicBool::new(false),
             args,
         });
 
@@ -252,7 +261,10 @@ impl Server {
                     .build()
                 {
                     Ok(runtime) => runtime.block_on(feed::run(shared, sim, latest_tx, token)),
-                    Err(e) => tracing::error!("cannot start the tick loop's runtime: {e}"),
+                    Err(e) => {
+                        shared.tick_health.stop();
+                        tracing::error!("cannot start the tick loop's runtime: {e}");
+                    }
                 }
             })
             .context("starting the tick thread")?;
@@ -320,6 +332,19 @@ impl Server {
     /// Sessions open right now.
     pub fn sessions(&self) -> usize {
         self.shared.sessions.load(Ordering::Relaxed)
+    }
+
+    /// For tests: stops ticks until the guard is dropped. Once it returns, no tick is in
+    /// progress, so the counters hold still.
+    #[doc(hidden)]
+    pub async fn danger_pause_ticks(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.shared.tick_gate.lock().await
+    }
+
+    /// For tests: makes the tick loop panic at its next tick, as a bug in it would.
+    #[doc(hidden)]
+    pub fn danger_panic_tick_loop(&self) {
+        self.shared.tick_panic.store(true, Ordering::Relaxed);
     }
 }
 
