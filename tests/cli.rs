@@ -180,6 +180,33 @@ fn impossible_options_are_refused_at_start_up_with_the_option_named() {
 }
 
 #[test]
+fn a_mismatched_cert_and_key_stop_start_up_with_both_files_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let one = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let other = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, one.cert.pem()).unwrap();
+    std::fs::write(&key, other.signing_key.serialize_pem()).unwrap();
+    let stderr = serve_refuses(&[
+        "--cert",
+        cert.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+    ]);
+    assert!(stderr.contains(cert.to_str().unwrap()), "{stderr}");
+    assert!(stderr.contains(key.to_str().unwrap()), "{stderr}");
+    // The matching pair starts.
+    std::fs::write(&key, one.signing_key.serialize_pem()).unwrap();
+    let server = serve(&[
+        "--cert",
+        cert.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+    ]);
+    drop(server);
+}
+
+#[test]
 fn watch_with_a_wrong_certificate_hash_never_connects() {
     let server = serve(&[]);
     let out = Command::new(BIN)
