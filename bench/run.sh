@@ -38,7 +38,7 @@ run() {
   local prefix=("$@")
   echo "== $name: $transport, $sessions sessions, tick $tick_ms ms"
   "${prefix[@]}" "$BIN" --threads 1 serve --wt-listen '[::]:14433' --http-listen '[::]:18080' \
-    --tick-ms "$tick_ms" --cert-dir "$CERTS" --max-sessions 60000 \
+    --tick-ms "$tick_ms" --cert-dir "$CERTS" --max-sessions 60000 --max-http-conns-per-ip 60000 \
     >"$RAW/$name.server.log" 2>&1 &
   SERVER_PID=$!
   for _ in $(seq 100); do

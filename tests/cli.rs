@@ -254,6 +254,80 @@ fn sigterm_shuts_down_cleanly_and_the_certificate_is_reused() {
     assert_eq!(first, second);
 }
 
+/// Sends SIGTERM to the server and waits for it to exit; returns how long that took.
+fn terminate(server: &mut Serve, limit: Duration) -> (std::process::ExitStatus, Duration) {
+    let started = Instant::now();
+    let status = Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    loop {
+        if let Some(exit) = server.child.try_wait().unwrap() {
+            return (exit, started.elapsed());
+        }
+        assert!(
+            started.elapsed() < limit,
+            "server still running {limit:?} after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sigterm_exits_within_the_shutdown_timeout_whatever_the_clients_do() {
+    use std::io::{Read, Write};
+    let mut server = serve(&[
+        "--tick-ms",
+        "100",
+        "--shutdown-timeout",
+        "2s",
+        // Far beyond the shutdown timeout: only the shutdown bound can end the slow clients.
+        "--http-header-timeout",
+        "60s",
+    ]);
+    let addr = format!("127.0.0.1:{}", server.http_port);
+    // Slowloris: half a request header, then silence.
+    let mut slow = Vec::new();
+    for _ in 0..3 {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
+            .unwrap();
+        slow.push(s);
+    }
+    // An idle WebSocket: upgraded, then never read.
+    let mut ws = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        ws,
+        "GET /positions.ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Version: 13\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = [0u8; 12];
+    ws.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 101", "{}", String::from_utf8_lossy(&head));
+    // Every connection is open and served: the server counts them.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let health = fetch(&format!("http://{addr}/healthz"));
+        let health: serde_json::Value = serde_json::from_str(&health).unwrap();
+        // Three slow, one WebSocket, and this request.
+        if health["counters"]["open_http_connections"] == 5
+            && health["counters"]["open_websocket"] == 1
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{health}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (exit, took) = terminate(&mut server, Duration::from_secs(15));
+    assert!(exit.success(), "{exit:?}");
+    // The 2 s shutdown timeout, at most 1 s to close the QUIC endpoint, and a margin.
+    assert!(took < Duration::from_millis(4500), "exit took {took:?}");
+    drop((slow, ws));
+}
+
 /// A plain HTTP/1.1 GET over a TCP socket.
 fn fetch(url: &str) -> String {
     use std::io::{Read, Write};

@@ -162,10 +162,23 @@ pub struct ServeArgs {
           value_parser = parse_duration)]
     pub write_timeout: Duration,
 
-    /// Longest time shutdown waits for sessions to say goodbye.
+    /// Longest time shutdown waits for sessions and HTTP connections to finish, whatever the
+    /// clients do; then they are dropped (closing the QUIC endpoint takes at most 1 s more).
     #[arg(long, env = "FLEETCAST_SHUTDOWN_TIMEOUT", default_value = "5s",
           value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
+
+    /// Longest time an HTTP client may take to send a request's headers, and longest time a
+    /// kept-alive HTTP connection may sit idle between requests (WebSocket handshakes included).
+    #[arg(long, env = "FLEETCAST_HTTP_HEADER_TIMEOUT", default_value = "10s",
+          value_parser = parse_duration)]
+    pub http_header_timeout: Duration,
+
+    /// Most TCP connections open at once from one client address on the HTTP port (WebSocket
+    /// sessions included); more are answered 429 and closed.
+    #[arg(long, env = "FLEETCAST_MAX_HTTP_CONNS_PER_IP", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_http_conns_per_ip: u32,
 
     /// UDP socket send and receive buffer to ask the kernel for.
     #[arg(long, env = "FLEETCAST_UDP_BUFFER", default_value = "4MiB", value_parser = parse_bytes)]
@@ -253,6 +266,7 @@ impl ServeArgs {
         let nonzero = [
             ("--handshake-timeout", self.handshake_timeout),
             ("--write-timeout", self.write_timeout),
+            ("--http-header-timeout", self.http_header_timeout),
         ];
         for (name, value) in nonzero {
             if value.is_zero() {
@@ -270,6 +284,7 @@ impl ServeArgs {
             ("--handshake-timeout", self.handshake_timeout),
             ("--idle-timeout", self.idle_timeout),
             ("--write-timeout", self.write_timeout),
+            ("--http-header-timeout", self.http_header_timeout),
             ("--shutdown-timeout", self.shutdown_timeout),
         ];
         for (name, value) in bounded {
@@ -658,6 +673,10 @@ mod tests {
             (
                 "--write-timeout",
                 Box::new(|a| a.write_timeout = Duration::ZERO),
+            ),
+            (
+                "--http-header-timeout",
+                Box::new(|a| a.http_header_timeout = Duration::ZERO),
             ),
             (
                 "--idle-timeout",

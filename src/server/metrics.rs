@@ -217,6 +217,39 @@ pub(crate) fn render(shared: &Shared) -> String {
     o.sample(name, "reason=\"deleted\"", get(&s.ingest_cars_removed));
     o.sample(name, "reason=\"timeout\"", get(&s.ingest_cars_expired));
 
+    o.family(
+        "fleetcast_http_connections",
+        "gauge",
+        "TCP connections open on the HTTP port, WebSocket sessions included.",
+    );
+    o.sample(
+        "fleetcast_http_connections",
+        "",
+        get(&s.open_http_connections),
+    );
+    let name = "fleetcast_http_connections_dropped_total";
+    o.family(
+        name,
+        "counter",
+        "HTTP connections closed or refused by the server's limits, by reason.",
+    );
+    o.sample(
+        name,
+        "reason=\"header_timeout\"",
+        get(&s.http_header_timeouts),
+    );
+    o.sample(name, "reason=\"per_ip\"", get(&s.http_refused_per_ip));
+    o.family(
+        "fleetcast_http_accept_errors_total",
+        "counter",
+        "Failed accepts on the HTTP listener (out of file descriptors, mostly).",
+    );
+    o.sample(
+        "fleetcast_http_accept_errors_total",
+        "",
+        get(&s.http_accept_errors),
+    );
+
     let name = "fleetcast_tick_fanout_seconds";
     o.family(
         name,

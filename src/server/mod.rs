@@ -12,7 +12,9 @@
 //!
 //! One shutdown path: [`Server::shutdown`] (Ctrl-C / SIGTERM in the binary) cancels a token; the
 //! accept loop stops first, sessions say goodbye and close with [`CloseCode::GoingAway`], and the
-//! endpoint closes once they are gone or the shutdown timeout passes.
+//! endpoint closes once they are gone or the shutdown timeout passes. The HTTP side stops
+//! accepting at the same moment and drops whatever connection is still open when the shutdown
+//! timeout passes, so no client can hold the process up.
 
 pub mod config;
 mod feed;

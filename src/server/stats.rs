@@ -26,6 +26,8 @@ counters! {
     open_webtransport,
     /// Gauge: WebSocket sessions open now.
     open_websocket,
+    /// Gauge: TCP connections open now on the HTTP port (WebSocket sessions included).
+    open_http_connections,
     /// Gauge: bytes of the newest tick's datagrams (one encoding, without per-session headers).
     snapshot_bytes,
     /// Gauge: datagrams the newest tick was split into.
@@ -103,6 +105,15 @@ counters! {
     ingest_cars_removed,
     /// Cars removed after --car-timeout without a fix.
     ingest_cars_expired,
+    /// HTTP connections closed for sending no complete request header within
+    /// --http-header-timeout (half-sent headers, or idle between requests).
+    http_header_timeouts,
+    /// HTTP connections refused (429, closed) because their address had
+    /// --max-http-conns-per-ip open.
+    http_refused_per_ip,
+    /// Failed accepts on the HTTP listener other than clients giving up (out of file
+    /// descriptors, mostly).
+    http_accept_errors,
 }
 
 /// Upper bounds of the fan-out histogram's buckets, seconds.
