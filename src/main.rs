@@ -119,6 +119,7 @@ fn print_report<R: serde::Serialize>(
 async fn serve(args: ServeArgs) -> Result<()> {
     // Listen for signals before anything starts, so an early SIGTERM still shuts down cleanly.
     let signal = tokio::spawn(shutdown_signal());
+    fleetcast::fdlimit::apply_at_start(args.danger_max_open_files)?;
     let server = Server::start(args).await?;
     let http_port = server.http_addr.port();
     let wt_port = server.wt_addr.port();

@@ -12,7 +12,17 @@ struct Serve {
     child: Child,
     wt_port: u16,
     http_port: u16,
+    /// Every line the server has logged so far.
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     _dir: tempfile::TempDir,
+}
+
+impl Serve {
+    /// The log lines that contain `text`.
+    fn logged(&self, text: &str) -> Vec<String> {
+        let log = self.log.lock().unwrap();
+        log.iter().filter(|l| l.contains(text)).cloned().collect()
+    }
 }
 
 impl Drop for Serve {
@@ -37,7 +47,19 @@ fn serve(extra: &[&str]) -> Serve {
 /// Starts `fleetcast serve` with its certificates in `dir`; with `expect_reuse` it fails if
 /// the server generates a new certificate instead of reusing the one in `dir`.
 fn serve_in(dir: tempfile::TempDir, extra: &[&str], expect_reuse: bool) -> Serve {
-    let mut child = Command::new(BIN)
+    serve_with(dir, extra, expect_reuse, |_| {})
+}
+
+/// Like [`serve_in`], with `tweak` applied to the command before it starts.
+fn serve_with(
+    dir: tempfile::TempDir,
+    extra: &[&str],
+    expect_reuse: bool,
+    tweak: impl FnOnce(&mut Command),
+) -> Serve {
+    let mut command = Command::new(BIN);
+    tweak(&mut command);
+    let mut child = command
         .args([
             "serve",
             "--wt-listen",
@@ -61,11 +83,13 @@ fn serve_in(dir: tempfile::TempDir, extra: &[&str], expect_reuse: bool) -> Serve
         }
     });
     let (mut wt, mut http) = (None, None);
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let deadline = Instant::now() + Duration::from_secs(20);
     while wt.is_none() || http.is_none() {
         let line = rx
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
             .expect("server printed its URLs");
+        log.lock().unwrap().push(line.clone());
         assert!(
             !(expect_reuse && line.contains("generated")),
             "certificate regenerated: {line}"
@@ -74,11 +98,19 @@ fn serve_in(dir: tempfile::TempDir, extra: &[&str], expect_reuse: bool) -> Serve
         http = http.or_else(|| port_after(&line, "web demo:     http://localhost:"));
     }
     // Keep draining the log so the server never blocks on a full pipe.
-    std::thread::spawn(move || while rx.recv().is_ok() {});
+    std::thread::spawn({
+        let log = log.clone();
+        move || {
+            while let Ok(line) = rx.recv() {
+                log.lock().unwrap().push(line);
+            }
+        }
+    });
     Serve {
         child,
         wt_port: wt.unwrap(),
         http_port: http.unwrap(),
+        log,
         _dir: dir,
     }
 }
@@ -326,6 +358,251 @@ fn sigterm_exits_within_the_shutdown_timeout_whatever_the_clients_do() {
     // The 2 s shutdown timeout, at most 1 s to close the QUIC endpoint, and a margin.
     assert!(took < Duration::from_millis(4500), "exit took {took:?}");
     drop((slow, ws));
+}
+
+/// Opens a WebSocket session at `/positions.ws` over a plain socket; `Err` with the server's
+/// answer (or why there was none) when it is refused.
+fn ws_open(addr: &str) -> Result<std::net::TcpStream, String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    // A server that refuses may answer and close before the request is written: read anyway.
+    let written = write!(
+        s,
+        "GET /positions.ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Version: 13\r\n\r\n"
+    );
+    // Byte by byte up to the end of the head, so no WebSocket frame is consumed.
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            Ok(_) if !head.is_empty() => return Err(String::from_utf8_lossy(&head).into()),
+            Ok(_) => return Err(format!("closed without an answer (write: {written:?})")),
+            Err(e) => return Err(format!("read: {e} (write: {written:?})")),
+        }
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    if head.starts_with("HTTP/1.1 101") {
+        Ok(s)
+    } else {
+        Err(head)
+    }
+}
+
+/// Reads one server WebSocket frame (unmasked): its opcode and payload.
+fn ws_frame(s: &mut std::net::TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
+    use std::io::Read;
+    let mut h = [0u8; 2];
+    s.read_exact(&mut h)?;
+    let len = match h[1] & 0x7f {
+        126 => {
+            let mut b = [0u8; 2];
+            s.read_exact(&mut b)?;
+            u64::from(u16::from_be_bytes(b))
+        }
+        127 => {
+            let mut b = [0u8; 8];
+            s.read_exact(&mut b)?;
+            u64::from_be_bytes(b)
+        }
+        n => u64::from(n),
+    };
+    let mut payload = vec![0u8; len as usize];
+    s.read_exact(&mut payload)?;
+    Ok((h[0] & 0x0f, payload))
+}
+
+/// Reads a WebSocket session until a tick made after this call arrives; panics after 5 s.
+fn ws_gets_a_new_tick(s: &mut std::net::TcpStream) {
+    let since = fleetcast::server::now_us();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        assert!(Instant::now() < deadline, "no new tick within 5 s");
+        let (opcode, payload) = ws_frame(s).expect("the session is open");
+        // Binary messages on the datagram channel carry one tick part each.
+        if opcode == 2 && payload.first() == Some(&1) {
+            let part = fleetcast::proto::wire::TickPart::decode(&payload[1..]).unwrap();
+            if part.time_us > since {
+                return;
+            }
+        }
+    }
+}
+
+/// Server user + system CPU seconds, from `/proc/PID/stat`.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    // Fields 14 and 15 of the line, counted after the name's closing parenthesis.
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+/// The soft and hard "Max open files" of a process, from `/proc/PID/limits`.
+fn open_files_limit(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let mut words = line["Max open files".len()..].split_whitespace();
+    (
+        words.next().unwrap().to_string(),
+        words.next().unwrap().to_string(),
+    )
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn the_open_files_soft_limit_is_raised_to_the_hard_limit_at_start() {
+    use std::os::unix::process::CommandExt;
+    let server = serve_with(tempfile::tempdir().unwrap(), &[], false, |command| {
+        // Start it the way many systems do: a low soft limit under a higher hard one.
+        // SAFETY: setrlimit is a plain system call, safe between fork and exec.
+        unsafe {
+            command.pre_exec(|| {
+                use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+                let hard = getrlimit(Resource::Nofile).maximum;
+                let soft = Some(256).min(hard);
+                setrlimit(
+                    Resource::Nofile,
+                    Rlimit {
+                        current: soft,
+                        maximum: hard,
+                    },
+                )
+                .map_err(std::io::Error::from)
+            });
+        }
+    });
+    let (soft, hard) = open_files_limit(server.child.id());
+    assert_eq!(soft, hard, "soft limit not raised");
+    let logged = server.logged("open files:");
+    assert_eq!(logged.len(), 1, "{logged:?}");
+    assert!(logged[0].contains(&format!("soft {hard}")), "{logged:?}");
+    assert!(
+        logged[0].contains("raised from soft Some(256)"),
+        "{logged:?}"
+    );
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn out_of_file_descriptors_refuses_new_clients_and_keeps_the_open_sessions() {
+    let server = serve(&[
+        "--tick-ms",
+        "100",
+        "--danger-max-open-files",
+        "64",
+        "--max-http-conns-per-ip",
+        "1000",
+    ]);
+    let pid = server.child.id();
+    assert_eq!(open_files_limit(pid).0, "64");
+    let addr = format!("127.0.0.1:{}", server.http_port);
+    let hash = fetch(&format!("http://{addr}/certificate.sha256"));
+
+    // WebSocket sessions hold a descriptor each: open them until the server refuses.
+    let mut sessions = Vec::new();
+    let refusal = loop {
+        assert!(sessions.len() < 200, "no refusal after 200 sessions");
+        match ws_open(&addr) {
+            Ok(s) => sessions.push(s),
+            Err(answer) => break answer,
+        }
+    };
+    assert!(
+        sessions.len() >= 5,
+        "only {} sessions opened",
+        sessions.len()
+    );
+    assert!(
+        refusal.starts_with("HTTP/1.1 503"),
+        "refused with {refusal:?}"
+    );
+
+    // Further clients are refused at once, and the accept loop does not spin meanwhile.
+    let cpu_before = cpu_seconds(pid);
+    let window = Instant::now();
+    for _ in 0..20 {
+        let answer = ws_open(&addr).map(|_| ()).unwrap_err();
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (cpu, took) = (cpu_seconds(pid) - cpu_before, window.elapsed());
+    assert!(
+        cpu < took.as_secs_f64() / 2.0,
+        "{cpu:.2} s of CPU in {took:?} while out of descriptors"
+    );
+    // The sessions already open keep receiving ticks.
+    ws_gets_a_new_tick(&mut sessions[0]);
+    let last = sessions.len() - 1;
+    ws_gets_a_new_tick(&mut sessions[last]);
+    // WebTransport needs no descriptor per session: a new one opens and gets ticks.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        use fleetcast::client::{self, ClientOptions, Event, Trust};
+        let trust = Trust::Hashes(vec![client::parse_hash(&hash).unwrap()]);
+        let endpoint = client::endpoint(&ClientOptions::new(trust)).unwrap();
+        let url = format!("https://127.0.0.1:{}/positions", server.wt_port);
+        let mut session = client::open(&endpoint, &url, None).await.unwrap();
+        let mut datagrams = 0;
+        while datagrams < 3 {
+            let event = tokio::time::timeout(Duration::from_secs(5), session.next())
+                .await
+                .expect("a WebTransport event within 5 s")
+                .expect("the session is open");
+            if let Event::Datagram(_) = event {
+                datagrams += 1;
+            }
+        }
+    });
+
+    // Refusals are logged, but not one line each.
+    let lines = server.logged("out of file descriptors");
+    assert!(!lines.is_empty(), "refusals not logged");
+    assert!(lines.len() <= 5, "{} lines for 21 refusals", lines.len());
+
+    // Once descriptors are free again, HTTP is served as before.
+    sessions.truncate(3);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(body) = try_fetch(&format!("http://{addr}/healthz")) {
+            let health: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert!(health["counters"]["http_refused_no_fd"].as_u64().unwrap() >= 21);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "HTTP not served after fds were freed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    ws_gets_a_new_tick(&mut sessions[0]);
+}
+
+/// A plain HTTP/1.1 GET over a TCP socket; the body of a 200, or `None`.
+fn try_fetch(url: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_at(rest.find('/').unwrap());
+    let mut s = std::net::TcpStream::connect(host).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    if !body.starts_with("HTTP/1.1 200") {
+        return None;
+    }
+    Some(body.split("\r\n\r\n").nth(1)?.to_string())
 }
 
 /// A plain HTTP/1.1 GET over a TCP socket.

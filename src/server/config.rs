@@ -180,6 +180,11 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_http_conns_per_ip: u32,
 
+    /// For tests: set the soft limit of open files to N at start-up instead of raising it to
+    /// the hard limit.
+    #[arg(long, env = "FLEETCAST_DANGER_MAX_OPEN_FILES", hide = true)]
+    pub danger_max_open_files: Option<u64>,
+
     /// UDP socket send and receive buffer to ask the kernel for.
     #[arg(long, env = "FLEETCAST_UDP_BUFFER", default_value = "4MiB", value_parser = parse_bytes)]
     pub udp_buffer: usize,
@@ -294,6 +299,9 @@ impl ServeArgs {
                      give up long before"
                 ));
             }
+        }
+        if self.danger_max_open_files == Some(0) {
+            return Err("--danger-max-open-files 0 leaves no file for the listeners".into());
         }
         Ok(())
     }
@@ -708,6 +716,10 @@ mod tests {
                     a.feed = vec![Feed::Ingest];
                     a.ingest.publish_token = vec![PublishToken::new("0123456789abcdef")];
                 }),
+            ),
+            (
+                "--danger-max-open-files",
+                Box::new(|a| a.danger_max_open_files = Some(0)),
             ),
         ];
         for (option, tweak) in cases {

@@ -30,6 +30,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
+use futures::FutureExt;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -64,7 +65,7 @@ pub(crate) async fn serve(
         .keep_alive(true);
     let per_ip = PerIp::new(shared.args.max_http_conns_per_ip);
     let mut connections = JoinSet::new();
-    let mut accept_errors = AcceptErrors::default();
+    let mut accept_errors = AcceptErrors::new();
     loop {
         let accepted = tokio::select! {
             biased;
@@ -76,7 +77,7 @@ pub(crate) async fn serve(
         let (stream, remote) = match accepted {
             Ok(accepted) => accepted,
             Err(e) => {
-                accept_errors.handle(e, &shared).await;
+                accept_errors.handle(e, &listener, &shared).await;
                 continue;
             }
         };
@@ -307,10 +308,13 @@ impl AsyncWrite for CountedStream {
     }
 }
 
-/// What the accept loop does when `accept` fails: back off instead of spinning, and log at
-/// most one line a second however many fail.
-#[derive(Default)]
+/// What the accept loop does when `accept` fails: refuse clients cleanly when out of file
+/// descriptors, back off instead of spinning otherwise, and log at most one line a second
+/// however many fail.
 struct AcceptErrors {
+    /// A descriptor held in reserve: freed for a moment to accept and refuse a client when
+    /// none is left (the trick from libev's documentation).
+    spare: Option<std::fs::File>,
     /// When the last line was logged, and failures since then not logged.
     logged: Option<std::time::Instant>,
     unlogged: u64,
@@ -319,9 +323,21 @@ struct AcceptErrors {
 /// Shortest time between two accept-failure log lines.
 const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(1);
 
+/// Sent, best effort, to a client accepted only to be refused for want of file descriptors.
+const SERVICE_UNAVAILABLE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\n\
+    Retry-After: 1\r\nContent-Length: 0\r\n\r\n";
+
 impl AcceptErrors {
-    /// Handles one failed `accept`, waiting a little where retrying at once would spin.
-    async fn handle(&mut self, e: io::Error, shared: &Shared) {
+    fn new() -> Self {
+        Self {
+            spare: spare_descriptor(),
+            logged: None,
+            unlogged: 0,
+        }
+    }
+
+    /// Handles one failed `accept`; waits a little where retrying at once would spin.
+    async fn handle(&mut self, e: io::Error, listener: &TcpListener, shared: &Shared) {
         // The client gave up before we accepted it: nothing to do.
         if matches!(
             e.kind(),
@@ -332,12 +348,34 @@ impl AcceptErrors {
             return;
         }
         Stats::inc(&shared.stats.http_accept_errors);
-        self.log(&e);
+        if out_of_descriptors(&e) {
+            if let Some(spare) = self.spare.take() {
+                // Without a descriptor the waiting client stays in the kernel's backlog, hears
+                // nothing until it gives up, and keeps the listener readable (a busy loop).
+                // Accept it on the spare descriptor and refuse it, so it can retry later.
+                drop(spare);
+                if let Some(Ok((stream, remote))) = listener.accept().now_or_never() {
+                    Stats::inc(&shared.stats.http_refused_no_fd);
+                    let _ = stream.try_write(SERVICE_UNAVAILABLE);
+                    drop(stream);
+                    self.log(format_args!(
+                        "HTTP connection from {remote} refused (503): out of file descriptors \
+                         ({e})"
+                    ));
+                }
+                self.spare = spare_descriptor();
+                if self.spare.is_some() {
+                    // The next waiting client, if any, is refused the same way.
+                    return;
+                }
+            }
+        }
+        self.log(format_args!("HTTP accept failed: {e}; retrying in 100 ms"));
         // tokio leaves the listener readable after an error, so retrying at once would spin.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    fn log(&mut self, e: &io::Error) {
+    fn log(&mut self, what: std::fmt::Arguments<'_>) {
         if self
             .logged
             .is_some_and(|at| at.elapsed() < ACCEPT_LOG_EVERY)
@@ -346,9 +384,35 @@ impl AcceptErrors {
             return;
         }
         let unlogged = std::mem::take(&mut self.unlogged);
-        warn!("HTTP accept failed: {e} ({unlogged} more since the last report); retrying");
+        warn!("{what} ({unlogged} more like it since the last report)");
         self.logged = Some(std::time::Instant::now());
     }
+}
+
+/// Whether an error means the process (EMFILE) or the system (ENFILE) has no descriptor left.
+fn out_of_descriptors(e: &io::Error) -> bool {
+    #[cfg(unix)]
+    {
+        matches!(
+            e.raw_os_error(),
+            Some(code) if code == rustix::io::Errno::MFILE.raw_os_error()
+                || code == rustix::io::Errno::NFILE.raw_os_error()
+        )
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = e;
+        false
+    }
+}
+
+/// A descriptor to hold in reserve (`None` if even that cannot be opened).
+fn spare_descriptor() -> Option<std::fs::File> {
+    #[cfg(unix)]
+    let path = "/dev/null";
+    #[cfg(not(unix))]
+    let path = "NUL";
+    std::fs::File::open(path).ok()
 }
 
 async fn certificate_hash(State(shared): State<Arc<Shared>>) -> Response {

@@ -239,6 +239,7 @@ pub(crate) fn render(shared: &Shared) -> String {
         get(&s.http_header_timeouts),
     );
     o.sample(name, "reason=\"per_ip\"", get(&s.http_refused_per_ip));
+    o.sample(name, "reason=\"no_fd\"", get(&s.http_refused_no_fd));
     o.family(
         "fleetcast_http_accept_errors_total",
         "counter",

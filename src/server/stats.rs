@@ -114,6 +114,9 @@ counters! {
     /// Failed accepts on the HTTP listener other than clients giving up (out of file
     /// descriptors, mostly).
     http_accept_errors,
+    /// HTTP connections accepted on the spare descriptor only to be refused (503) because the
+    /// process had no file descriptor left.
+    http_refused_no_fd,
 }
 
 /// Upper bounds of the fan-out histogram's buckets, seconds.
