@@ -157,7 +157,8 @@ pub struct ServeArgs {
           value_parser = parse_duration)]
     pub idle_timeout: Duration,
 
-    /// Longest time a write on a session's reliable stream may wait for the client.
+    /// Longest time a write on a session's reliable stream may wait for the client, and longest
+    /// time the answer to a session request (accept, 401, 403, 404, 429) may wait for it.
     #[arg(long, env = "FLEETCAST_WRITE_TIMEOUT", default_value = "10s",
           value_parser = parse_duration)]
     pub write_timeout: Duration,

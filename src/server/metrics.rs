@@ -79,6 +79,7 @@ pub(crate) fn render(shared: &Shared) -> String {
             ("webtransport", "full", get(&s.refused_full)),
             ("webtransport", "handshakes_busy", get(&s.refused_busy)),
             ("webtransport", "handshake_failed", get(&s.handshake_failed)),
+            ("webtransport", "reply_timeout", get(&s.reply_timeouts)),
             ("websocket", "forbidden", get(&s.ws_refused_forbidden)),
             ("websocket", "unauthorized", get(&s.ws_refused_unauthorized)),
             ("websocket", "full", get(&s.ws_refused_full)),

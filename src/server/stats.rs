@@ -51,6 +51,9 @@ counters! {
     refused_busy,
     /// Handshakes that failed or did not send CONNECT within --handshake-timeout.
     handshake_failed,
+    /// Answers to session requests (accept, 401, 403, 404, 429) the client did not take within
+    /// --write-timeout; its connection was dropped.
+    reply_timeouts,
     /// Sessions closed for sending what protocol v1 forbids.
     closed_protocol_violation,
     /// Sessions closed for not reading the reliable stream in time.
