@@ -33,14 +33,14 @@ for name in ORDER:
     r = load(name)
     if r is None:
         if (raw / f"{name}.swarm.log").exists():
-            rows.append(f"| {name} | failed: see bench/results/raw/{name}.swarm.log |" + " |" * 9)
+            rows.append(f"| {name} | failed: see bench/results/raw/{name}.swarm.log |" + " |" * 10)
         continue
     s = r.get("server") or {}
     rate = "10 Hz" if "10hz" in name else "1 Hz"
     lat, age = r["latency_ms"], r["position_age_ms"]
     rows.append(
         f"| {name} | {r['transport']} | {r['sessions_requested']:,} @ {rate} "
-        f"| {r['sessions_connected']:,} | {r['connect_seconds']:.1f} "
+        f"| {r['sessions_connected']:,} | {r.get('sessions_lost', 0):,} | {r['connect_seconds']:.1f} "
         f"| {r['delivery_ratio']*100:.2f} % "
         f"| {lat['p50']:.1f} / {lat['p99']:.1f} / {lat['max']:.1f} "
         f"| {age['p50']:.0f} / {age['p99']:.0f} "
@@ -55,9 +55,9 @@ header = [
     f"Machine: {platform.node()}, {cpu}, {subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores, "
     f"Linux {platform.release()}; server and swarm share the cores.",
     "",
-    "| run | transport | sessions | connected | connect s | delivery | latency ms p50 / p99 / max "
+    "| run | transport | sessions | connected | lost in window | connect s | delivery | latency ms p50 / p99 / max "
     "| position age ms p50 / p99 | server CPU µs per delivered datagram | server RSS KB per session | ticks sent of expected |",
-    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
 ]
 out_md.write_text("\n".join(header + rows) + "\n")
 print(out_md.read_text())

@@ -6,20 +6,32 @@
 #   bench/run.sh                 the full set (about 15 minutes on 2 cores)
 #   BENCH_QUICK=1 bench/run.sh   1k sessions only, 10 s windows (a minute)
 #
+# BENCH_BIN=PATH runs that server binary instead of building one, BENCH_SWARM_BIN=PATH that
+# load generator (default: the server binary), and BENCH_OUT=DIR writes there instead of
+# bench/results (so two builds can be compared without touching the published results);
+# BENCH_LISTEN=127.0.0.1 keeps the server off every interface but loopback.
+#
 # Everything stays on loopback or inside a network namespace this script creates and deletes.
 # The loss runs need root (ip netns, nftables).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DURATION=${BENCH_DURATION:-30s}
-OUT=bench/results
+OUT=${BENCH_OUT:-bench/results}
+# Where the server listens; the load generator always dials 127.0.0.1.
+LISTEN=${BENCH_LISTEN:-[::]}
 RAW="$OUT/raw"
 mkdir -p "$RAW"
 rm -f "$RAW"/*.json
 
 python3 -c "import matplotlib" 2>/dev/null || python3 -m pip install -q matplotlib
-cargo build --release --bin fleetcast
-BIN=$PWD/target/release/fleetcast
+if [ -n "${BENCH_BIN:-}" ]; then
+  BIN=$BENCH_BIN
+else
+  cargo build --release --bin fleetcast
+  BIN=$PWD/target/release/fleetcast
+fi
+SWARM_BIN=${BENCH_SWARM_BIN:-$BIN}
 # The per-process file limit here is 20,000: WebSocket runs need a socket per session.
 ulimit -n "$(ulimit -Hn)" || true
 CERTS=$(mktemp -d)
@@ -37,15 +49,15 @@ run() {
   shift 4
   local prefix=("$@")
   echo "== $name: $transport, $sessions sessions, tick $tick_ms ms"
-  "${prefix[@]}" "$BIN" --threads 1 serve --wt-listen '[::]:14433' --http-listen '[::]:18080' \
-    --tick-ms "$tick_ms" --cert-dir "$CERTS" --max-sessions 60000 \
+  "${prefix[@]}" "$BIN" --threads 1 serve --wt-listen "$LISTEN:14433" --http-listen "$LISTEN:18080" \
+    --tick-ms "$tick_ms" --cert-dir "$CERTS" --max-sessions 60000 --max-http-conns-per-ip 60000 \
     >"$RAW/$name.server.log" 2>&1 &
   SERVER_PID=$!
   for _ in $(seq 100); do
     "${prefix[@]}" curl -sf http://127.0.0.1:18080/healthz >/dev/null 2>&1 && break
     sleep 0.1
   done
-  RUST_LOG=warn "${prefix[@]}" "$BIN" swarm --json --transport "$transport" \
+  RUST_LOG=warn "${prefix[@]}" "$SWARM_BIN" swarm --json --transport "$transport" \
     --url https://127.0.0.1:14433/positions \
     --cert-hash-url http://127.0.0.1:18080/certificate.sha256 \
     --sessions "$sessions" --duration "$DURATION" --connect-timeout 180s \

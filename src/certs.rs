@@ -4,13 +4,19 @@
 //! Browsers accept a self-signed certificate through `serverCertificateHashes` only if it is
 //! ECDSA P-256 and valid for at most 14 days, so fleetcast issues 13-day certificates, reuses one
 //! across restarts while it stays valid for at least another day, and replaces it otherwise.
+//!
+//! Every certificate and key is checked to be a pair before the server starts (wtransport
+//! panics on a mismatched pair). The self-signed pair is written through temporary files and
+//! renames, so neither file is ever half-written; a crash between the two renames leaves a
+//! mismatched pair, which the next start detects and replaces.
 
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use sha2::{Digest, Sha256};
 use wtransport::Identity;
 
@@ -43,25 +49,26 @@ pub async fn self_signed(dir: &Path, names: &[String], now: SystemTime) -> Resul
     let cert_path = dir.join(CERT_FILE);
     let key_path = dir.join(KEY_FILE);
     match reusable(&cert_path, &key_path, names, now) {
-        Ok(Some(not_after)) => {
-            let identity = Identity::load_pemfiles(&cert_path, &key_path)
-                .await
-                .with_context(|| format!("loading {}", cert_path.display()))?;
-            return Ok(finish(
-                identity,
-                not_after,
-                format!("reused {}", cert_path.display()),
-            ));
-        }
+        Ok(Some(not_after)) => match load_pair(&cert_path, &key_path).await {
+            Ok(identity) => {
+                return Ok(finish(
+                    identity,
+                    not_after,
+                    format!("reused {}", cert_path.display()),
+                ))
+            }
+            Err(e) => tracing::warn!("stored certificate unusable, making a new one: {e:#}"),
+        },
         Ok(None) => {}
         Err(e) => tracing::warn!("stored certificate unusable, making a new one: {e:#}"),
     }
     let (cert_pem, key_pem, not_after) = generate(names, now)?;
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    write_private(&key_path, key_pem.as_bytes())?;
-    fs::write(&cert_path, cert_pem.as_bytes())
-        .with_context(|| format!("writing {}", cert_path.display()))?;
-    let identity = Identity::load_pemfiles(&cert_path, &key_path).await?;
+    write_pair(
+        (&cert_path, cert_pem.as_bytes()),
+        (&key_path, key_pem.as_bytes()),
+    )?;
+    let identity = load_pair(&cert_path, &key_path).await?;
     Ok(finish(
         identity,
         not_after,
@@ -70,18 +77,56 @@ pub async fn self_signed(dir: &Path, names: &[String], now: SystemTime) -> Resul
 }
 
 /// Loads a CA-issued certificate chain and key.
-pub async fn from_files(cert: &PathBuf, key: &PathBuf) -> Result<ServerIdentity> {
+pub async fn from_files(cert: &Path, key: &Path) -> Result<ServerIdentity> {
     let pem = fs::read(cert).with_context(|| format!("reading {}", cert.display()))?;
     let (not_after, _) = inspect(&pem)?;
-    let identity = Identity::load_pemfiles(cert, key)
-        .await
-        .with_context(|| format!("loading {} and {}", cert.display(), key.display()))?;
+    let identity = load_pair(cert, key).await?;
     Ok(ServerIdentity {
         identity,
         hash_hex: None,
         not_after,
         source: format!("loaded {}", cert.display()),
     })
+}
+
+/// Loads a certificate chain and its key, and checks that they are a pair.
+async fn load_pair(cert: &Path, key: &Path) -> Result<Identity> {
+    let identity = Identity::load_pemfiles(cert, key)
+        .await
+        .with_context(|| format!("loading {} and {}", cert.display(), key.display()))?;
+    check_pair(&identity).map_err(|e| {
+        let why = match e {
+            rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
+                "the key is not the certificate's (their public keys differ)".to_string()
+            }
+            other => other.to_string(),
+        };
+        anyhow!(
+            "the certificate {} and the key {} cannot serve together: {why}",
+            cert.display(),
+            key.display()
+        )
+    })?;
+    Ok(identity)
+}
+
+/// Whether wtransport will accept this certificate chain and key: the same rustls check it
+/// runs when the endpoint starts, where a failure is a panic (`expect`) instead of an error.
+pub fn check_pair(identity: &Identity) -> std::result::Result<(), rustls::Error> {
+    let chain = identity
+        .certificate_chain()
+        .as_slice()
+        .iter()
+        .map(|c| rustls::pki_types::CertificateDer::from(c.der().to_vec()))
+        .collect();
+    let key = rustls::pki_types::PrivateKeyDer::try_from(identity.private_key().secret_der())
+        .map_err(|e| rustls::Error::General(format!("unreadable private key: {e}")))?
+        .clone_key();
+    rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map(|_| ())
 }
 
 fn finish(identity: Identity, not_after: SystemTime, source: String) -> ServerIdentity {
@@ -172,24 +217,63 @@ fn generate(names: &[String], now: SystemTime) -> Result<(String, String, System
     ))
 }
 
-/// Writes a secret file readable by its owner only (mode 0600 from creation on Unix).
-fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut options = fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-        options.mode(0o600);
-        // An existing file keeps its mode on open: tighten it explicitly.
-        if path.exists() {
-            fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
+/// Replaces a certificate and its key, each through a temporary file and a rename, so neither
+/// is ever seen half-written. The key is readable by its owner only (mode 0600 from creation
+/// on Unix, kept by the rename).
+fn write_pair(cert: (&Path, &[u8]), key: (&Path, &[u8])) -> Result<()> {
+    let key_tmp = write_temp(key.0, key.1, 0o600)?;
+    let cert_tmp = match write_temp(cert.0, cert.1, 0o644) {
+        Ok(tmp) => tmp,
+        Err(e) => {
+            let _ = fs::remove_file(&key_tmp);
+            return Err(e);
+        }
+    };
+    // A crash between these renames leaves the new key with the old certificate: the next
+    // start finds them mismatched (`load_pair`) and makes a new pair.
+    for (tmp, path) in [(&key_tmp, key.0), (&cert_tmp, cert.0)] {
+        fs::rename(tmp, path)
+            .with_context(|| format!("replacing {} with {}", path.display(), tmp.display()))?;
+    }
+    // Make the renames themselves durable.
+    if let Some(dir) = cert.0.parent() {
+        if let Ok(dir) = fs::File::open(dir) {
+            let _ = dir.sync_all();
         }
     }
-    let mut file = options
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    file.write_all(bytes)?;
     Ok(())
+}
+
+/// Writes `bytes` to a new temporary file beside `path` with `mode` (on Unix), flushed to
+/// disk; returns its path.
+fn write_temp(path: &Path, bytes: &[u8], mode: u32) -> Result<PathBuf> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| anyhow!("{} is not a file name", path.display()))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".tmp{}", std::process::id()));
+    let tmp = path.with_file_name(tmp_name);
+    // A temporary file a crash left behind may have any mode: never write into it.
+    let _ = fs::remove_file(&tmp);
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(mode);
+    }
+    #[cfg(not(unix))]
+    let _ = mode;
+    let written = options.open(&tmp).and_then(|mut file| {
+        file.write_all(bytes)?;
+        file.sync_all()
+    });
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("writing {}", tmp.display()));
+    }
+    Ok(tmp)
 }
 
 #[cfg(test)]
@@ -219,6 +303,45 @@ mod tests {
         more.push("fleet.example".into());
         let d = self_signed(dir.path(), &more, later).await.unwrap();
         assert!(d.source.starts_with("generated"));
+    }
+
+    #[tokio::test]
+    async fn a_leftover_mismatched_pair_is_detected_and_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = SystemTime::now();
+        let first = self_signed(dir.path(), &names(), now).await.unwrap();
+        // What a crash between the two renames leaves: a new key beside the old certificate.
+        let (_, other_key, _) = generate(&names(), now).unwrap();
+        fs::write(dir.path().join(KEY_FILE), other_key).unwrap();
+        let second = self_signed(dir.path(), &names(), now).await.unwrap();
+        assert!(second.source.starts_with("generated"), "{}", second.source);
+        assert_ne!(first.hash_hex, second.hash_hex);
+        assert!(check_pair(&second.identity).is_ok());
+        // The new pair is reused as it is, and no temporary file is left.
+        let third = self_signed(dir.path(), &names(), now).await.unwrap();
+        assert!(third.source.starts_with("reused"), "{}", third.source);
+        let mut files: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        files.sort();
+        assert_eq!(files, [CERT_FILE, KEY_FILE]);
+    }
+
+    #[tokio::test]
+    async fn a_mismatched_pair_of_files_is_an_error_naming_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, _, _) = generate(&names(), SystemTime::now()).unwrap();
+        let (_, key, _) = generate(&names(), SystemTime::now()).unwrap();
+        let (cert_path, key_path) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        fs::write(&cert_path, cert).unwrap();
+        fs::write(&key_path, key).unwrap();
+        let e = match from_files(&cert_path, &key_path).await {
+            Ok(_) => panic!("a mismatched pair loaded"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(e.contains(&*cert_path.to_string_lossy()), "{e}");
+        assert!(e.contains(&*key_path.to_string_lossy()), "{e}");
     }
 
     #[tokio::test]

@@ -10,6 +10,7 @@
 //! - [`sim`]: the built-in simulated fleet (pure, stepped by the caller).
 //! - [`fleet`]: the fleet state, where position sources meet the tick loop (pure).
 //! - [`certs`]: self-signed or CA-issued TLS identities.
+//! - [`fdlimit`]: the open-files limit, raised at start-up.
 //! - [`mint`]: `fleetcast token`, which prints a subscriber token.
 //! - [`server`]: `fleetcast serve`, the async shell around the core.
 //! - [`client`]: the native WebTransport client used by `watch`, the tests and load tools.
@@ -21,6 +22,7 @@
 
 pub mod certs;
 pub mod client;
+pub mod fdlimit;
 pub mod fleet;
 pub mod mint;
 pub mod publish;

@@ -348,40 +348,116 @@ async fn watch_reconnects_after_a_restart_on_the_same_ports() {
             cert_hash_url: Some(format!("http://{}/certificate.sha256", first.http_addr)),
             ..fleetcast::client::ConnectArgs::new(common::url_for(first.wt_addr, "/positions"))
         },
-        duration: Some(Duration::from_secs(6)),
+        duration: None,
         json: true,
         max_backoff: Duration::from_millis(500),
     };
     let stop = tokio_util::sync::CancellationToken::new();
-    let watcher = tokio::spawn(fleetcast::watch::run(watch_args, stop));
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let watcher = tokio::spawn(fleetcast::watch::run(watch_args, stop.clone()));
+    // The only client: every datagram the server sends goes to the watcher.
+    let sent = |s: &fleetcast::server::Server| s.stats().get("datagrams_sent").unwrap();
+    common::wait_until(
+        "10 ticks sent to the watcher",
+        Duration::from_secs(10),
+        || sent(&first) >= 10,
+    )
+    .await;
     first.shutdown();
     first.wait().await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let second = fleetcast::server::Server::start(args).await.unwrap();
+    // Same ports again, as soon as the old sockets are gone.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let second = loop {
+        match fleetcast::server::Server::start(args.clone()).await {
+            Ok(server) => break server,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                eprintln!("restart not yet possible: {e:#}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("cannot restart on the same ports: {e:#}"),
+        }
+    };
+    common::wait_until(
+        "the watcher back, 12 ticks sent",
+        Duration::from_secs(15),
+        || sent(&second) >= 12,
+    )
+    .await;
+    stop.cancel();
     let report = watcher.await.unwrap().unwrap();
-    assert!(report.sessions >= 2, "{report:?}");
+    assert_eq!(report.sessions, 2, "{report:?}");
     assert!(report.ticks_received >= 20, "{report:?}");
+    assert_eq!(report.ticks_missed, 0, "{report:?}");
     assert_eq!(report.initial_cars, 100);
     second.shutdown();
     second.wait().await;
+}
+
+/// What a client saw: the tick of its initial state and how many datagrams arrived.
+#[derive(Default)]
+struct Seen {
+    initial_tick: Option<u64>,
+    datagrams: u64,
+}
+
+impl Seen {
+    fn count(&mut self, view: &FleetView, part: Option<&TickPart>) {
+        if part.is_some() {
+            self.datagrams += 1;
+        } else if self.initial_tick.is_none() && view.initial_cars().is_some() {
+            // Right after the State message every car holds the initial tick.
+            self.initial_tick = view.cars().values().map(|c| c.tick).max();
+        }
+    }
 }
 
 #[tokio::test]
 async fn fleet_view_tick_counts_match_the_server_on_a_clean_path() {
     let ts = TestServer::start(|_| {}).await;
     let (_ep, mut session) = ts.open().await;
-    let mut view = initial_state(&mut session).await;
-    follow(&mut session, &mut view, Duration::from_secs(2), |_, _| {
-        false
-    })
-    .await;
+    let mut view = FleetView::new();
+    let mut seen = Seen::default();
+    assert!(
+        follow(
+            &mut session,
+            &mut view,
+            Duration::from_secs(10),
+            |v, part| {
+                seen.count(v, part);
+                v.counts().received >= 10
+            }
+        )
+        .await,
+        "no 10 ticks within 10 s"
+    );
+    // Hold the ticks still: from here the server's counters do not move.
+    let pause = ts.server.danger_pause_ticks().await;
+    // The only session: every datagram the server queued was for it, one per tick.
+    let sent = ts.counter("datagrams_sent");
+    let last_tick = ts.counter("ticks");
+    let arrived = seen.datagrams >= sent
+        || follow(
+            &mut session,
+            &mut view,
+            Duration::from_secs(5),
+            |v, part| {
+                seen.count(v, part);
+                seen.datagrams >= sent
+            },
+        )
+        .await;
+    let datagrams = seen.datagrams;
+    assert!(arrived, "the client got {datagrams} of {sent} datagrams");
+    drop(pause);
     view.finish();
     let c = view.counts();
+    let initial_tick = seen.initial_tick.expect("initial state");
+    assert_eq!(datagrams, sent, "{c:?}");
     assert_eq!(c.missed, 0, "{c:?}");
     assert_eq!(c.partial, 0, "{c:?}");
-    assert!(c.complete >= 10, "{c:?}");
-    let _ = FleetView::new();
+    // Every tick the server made after the initial state, complete; none counted twice.
+    assert_eq!(c.complete, last_tick - initial_tick, "{c:?}");
+    assert_eq!(c.received, c.complete, "{c:?}");
+    assert_eq!(c.complete + c.late_parts, datagrams, "{c:?}");
 }
 
 #[tokio::test]
@@ -389,13 +465,15 @@ async fn metrics_expose_sessions_datagrams_fanout_and_process() {
     let ts = TestServer::start(|_| {}).await;
     let (_ep, mut session) = ts.open().await;
     let mut view = initial_state(&mut session).await;
-    follow(&mut session, &mut view, Duration::from_secs(5), |v, _| {
-        v.counts().received >= 3
-    })
-    .await;
+    assert!(
+        follow(&mut session, &mut view, Duration::from_secs(5), |v, _| {
+            v.counts().received >= 3
+        })
+        .await,
+        "no 3 ticks within 5 s"
+    );
     let url = format!("http://{}/metrics", ts.server.http_addr);
-    let text = reqwest::get(&url).await.unwrap().text().await.unwrap();
-    let value = |line: &str| -> f64 {
+    let value = |text: &str, line: &str| -> f64 {
         text.lines()
             .find(|l| l.starts_with(line))
             .unwrap_or_else(|| panic!("no {line} in\n{text}"))
@@ -405,6 +483,18 @@ async fn metrics_expose_sessions_datagrams_fanout_and_process() {
             .parse()
             .unwrap()
     };
+    // CPU time is counted in 10 ms steps: wait until the process has used a step.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let text = reqwest::get(&url).await.unwrap().text().await.unwrap();
+        if value(&text, "process_cpu_seconds_total") > 0.0
+            || tokio::time::Instant::now() >= deadline
+        {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let value = |line: &str| value(&text, line);
     assert_eq!(value("fleetcast_sessions{transport=\"webtransport\"}"), 1.0);
     assert_eq!(value("fleetcast_sessions{transport=\"websocket\"}"), 0.0);
     assert!(value("fleetcast_datagrams_sent_total{transport=\"webtransport\"}") >= 3.0);
@@ -422,4 +512,29 @@ async fn metrics_expose_sessions_datagrams_fanout_and_process() {
         value("fleetcast_sessions_closed_total{transport=\"webtransport\",reason=\"going_away\"}"),
         0.0
     );
+}
+
+#[tokio::test]
+async fn healthz_fails_with_503_while_the_tick_loop_is_behind_or_stopped() {
+    let ts = TestServer::start(|_| {}).await;
+    let (status, body) = ts.health().await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "ok", "{body}");
+
+    // Behind: no tick for more than three 100 ms intervals and a second.
+    let pause = ts.server.danger_pause_ticks().await;
+    let body = ts.health_becomes(503, Duration::from_secs(5)).await;
+    assert_eq!(body["status"], "unhealthy", "{body}");
+    let reason = body["reason"].as_str().unwrap();
+    assert!(reason.starts_with("no tick for"), "{body}");
+    assert!(body["last_tick_ms_ago"].as_u64().unwrap() > 1300, "{body}");
+    // Back on time once ticks resume.
+    drop(pause);
+    let body = ts.health_becomes(200, Duration::from_secs(5)).await;
+    assert_eq!(body["reason"], serde_json::Value::Null, "{body}");
+
+    // Stopped: the tick thread panics, the process and its HTTP side live on.
+    ts.server.danger_panic_tick_loop();
+    let body = ts.health_becomes(503, Duration::from_secs(5)).await;
+    assert_eq!(body["reason"], "the tick loop has stopped", "{body}");
 }

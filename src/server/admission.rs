@@ -42,7 +42,7 @@ impl AddressKey {
 }
 
 /// Loopback, IPv4-mapped loopback included.
-fn is_loopback(ip: IpAddr) -> bool {
+pub(crate) fn is_loopback(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => v4.is_loopback(),
         IpAddr::V6(v6) => {

@@ -10,6 +10,26 @@ use clap::Args;
 use crate::fleet::Area;
 use crate::token::Secret;
 
+/// The largest `--datagram-budget` a QUIC datagram can carry on any path.
+///
+/// quinn probes the path MTU up to 1,452-byte UDP payloads (its default upper bound, which
+/// fleetcast keeps). A 1-RTT packet spends 1 byte of flags, the peer's connection ID (0 to 20
+/// bytes), the 4 bytes quinn reserves for the packet number and a 16-byte AEAD tag; the datagram
+/// frame reserves 9 more (`Datagram::SIZE_BOUND`), and the WebTransport header at least 1:
+/// 1452 - 1 - 0 - 4 - 16 - 9 - 1 = 1421. A larger budget could never be sent whole, so every
+/// tick would be encoded twice. (quinn's `max_datagram_size()` read 1,421 on loopback.)
+pub const MAX_DATAGRAM_BUDGET: usize = 1421;
+
+/// Longest WebTransport datagram header (a quarter stream id as a QUIC varint).
+const MAX_WEBTRANSPORT_HEADER: usize = 8;
+
+/// Shortest `--idle-timeout`.
+pub const MIN_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Longest timeout of any kind: beyond it a client or an orchestrator has long given up, and a
+/// deadline of "now + timeout" stays far from overflowing.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
+
 /// Parses durations such as `500ms`, `10s`, `2m`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -26,10 +46,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "h" => n * 3600.0,
         _ => return Err(format!("unknown unit in '{s}' (use ms, s, m or h)")),
     };
-    if !secs.is_finite() || secs < 0.0 {
-        return Err(format!("'{s}' is not a valid duration"));
-    }
-    Ok(Duration::from_secs_f64(secs))
+    // `try_from`: a huge number must be an error, not a panic.
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("'{s}' is not a valid duration"))
 }
 
 /// Parses byte sizes such as `4194304`, `64KiB`, `4MiB`.
@@ -89,6 +107,7 @@ pub struct ServeArgs {
 
     /// Largest datagram payload the server encodes a tick into, bytes. Below QUIC's guaranteed
     /// minimum so one encoding fits every session; smaller sessions get their own encoding.
+    /// At most 1421, the most a QUIC datagram can carry.
     #[arg(long, env = "FLEETCAST_DATAGRAM_BUDGET", default_value_t = 1100,
           value_parser = clap::value_parser!(u32).range(64..=65_000))]
     pub datagram_budget: u32,
@@ -135,8 +154,9 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub handshakes_per_ip: u32,
 
-    /// Apply the per-address limits to loopback clients too (off: local tools and a reverse
-    /// proxy on this machine all come from loopback).
+    /// Apply the per-address limits (sessions, handshakes, HTTP connections) to loopback
+    /// clients too (off: local tools and a reverse proxy on this machine all come from
+    /// loopback).
     #[arg(long, env = "FLEETCAST_LIMIT_LOOPBACK")]
     pub limit_loopback: bool,
 
@@ -146,7 +166,8 @@ pub struct ServeArgs {
     #[arg(long, env = "FLEETCAST_VALIDATE_ABOVE", default_value_t = 1024)]
     pub validate_above: usize,
 
-    /// Most QUIC handshakes in progress at once; further connection attempts are refused.
+    /// Most QUIC handshakes in progress at once (at least 1); further connection attempts are
+    /// refused.
     #[arg(long, env = "FLEETCAST_MAX_HANDSHAKES", default_value_t = 4096)]
     pub max_handshakes: usize,
 
@@ -160,15 +181,34 @@ pub struct ServeArgs {
           value_parser = parse_duration)]
     pub idle_timeout: Duration,
 
-    /// Longest time a write on a session's reliable stream may wait for the client.
+    /// Longest time a write on a session's reliable stream may wait for the client, and longest
+    /// time the answer to a session request (accept, 401, 403, 404, 429) may wait for it.
     #[arg(long, env = "FLEETCAST_WRITE_TIMEOUT", default_value = "10s",
           value_parser = parse_duration)]
     pub write_timeout: Duration,
 
-    /// Longest time shutdown waits for sessions to say goodbye.
+    /// Longest time shutdown waits for sessions and HTTP connections to finish, whatever the
+    /// clients do; then they are dropped (closing the QUIC endpoint takes at most 1 s more).
     #[arg(long, env = "FLEETCAST_SHUTDOWN_TIMEOUT", default_value = "5s",
           value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
+
+    /// Longest time an HTTP client may take to send a request's headers, and longest time a
+    /// kept-alive HTTP connection may sit idle between requests (WebSocket handshakes included).
+    #[arg(long, env = "FLEETCAST_HTTP_HEADER_TIMEOUT", default_value = "10s",
+          value_parser = parse_duration)]
+    pub http_header_timeout: Duration,
+
+    /// Most TCP connections open at once from one client address (IPv4, or IPv6 /64) on the
+    /// HTTP port (WebSocket sessions included); more are answered 429 and closed.
+    #[arg(long, env = "FLEETCAST_MAX_HTTP_CONNS_PER_IP", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_http_conns_per_ip: u32,
+
+    /// For tests: set the soft limit of open files to N at start-up instead of raising it to
+    /// the hard limit.
+    #[arg(long, env = "FLEETCAST_DANGER_MAX_OPEN_FILES", hide = true)]
+    pub danger_max_open_files: Option<u64>,
 
     /// UDP socket send and receive buffer to ask the kernel for.
     #[arg(long, env = "FLEETCAST_UDP_BUFFER", default_value = "4MiB", value_parser = parse_bytes)]
@@ -227,9 +267,13 @@ impl ServeArgs {
                         FLEETCAST_PUBLISH_TOKEN, or --publish-token-file)"
                 .into());
         }
+        if self.sim.churn_ticks > 0 && !self.feed.contains(&Feed::Sim) {
+            return Err("--churn-ticks needs the simulator (--feed sim)".into());
+        }
         if self.feed.contains(&Feed::Sim) && self.sim.churn_ticks > 0 && self.sim.cars == 0 {
             return Err("--churn-ticks needs at least one simulated car (--cars)".into());
         }
+        self.check_limits()?;
         if !ingest && !tokens.is_empty() {
             // FLEETCAST_PUBLISH_TOKEN may be exported for `fleetcast publish` on this machine:
             // not an error, but ingest stays off.
@@ -237,6 +281,68 @@ impl ServeArgs {
             return Ok((area, Vec::new()));
         }
         Ok((area, tokens))
+    }
+
+    /// Limits that no server could work with.
+    fn check_limits(&self) -> Result<(), String> {
+        if self.datagram_budget as usize > MAX_DATAGRAM_BUDGET {
+            return Err(format!(
+                "--datagram-budget {} is more than a QUIC datagram can carry ({MAX_DATAGRAM_BUDGET})",
+                self.datagram_budget
+            ));
+        }
+        // Each session's send queue must hold at least one whole datagram, or every tick is
+        // dropped before it is sent.
+        let datagram = self.datagram_budget as usize + MAX_WEBTRANSPORT_HEADER;
+        if self.datagram_send_buffer < datagram {
+            return Err(format!(
+                "--datagram-send-buffer {} B cannot hold one datagram of --datagram-budget {} B \
+                 (needs at least {datagram} B)",
+                self.datagram_send_buffer, self.datagram_budget
+            ));
+        }
+        if self.max_sessions == 0 {
+            return Err("--max-sessions 0 would refuse every session".into());
+        }
+        if self.max_handshakes == 0 {
+            return Err("--max-handshakes 0 would refuse every connection".into());
+        }
+        let nonzero = [
+            ("--handshake-timeout", self.handshake_timeout),
+            ("--write-timeout", self.write_timeout),
+            ("--http-header-timeout", self.http_header_timeout),
+        ];
+        for (name, value) in nonzero {
+            if value.is_zero() {
+                return Err(format!("{name} 0 would fail every client"));
+            }
+        }
+        // quinn reads an idle timeout of 0 as "never"; below a second the keep-alives needed
+        // between slow ticks (a third of it) would cost more than the sessions.
+        if self.idle_timeout < MIN_IDLE_TIMEOUT {
+            return Err(format!(
+                "--idle-timeout must be at least {MIN_IDLE_TIMEOUT:?} (0 would mean never)"
+            ));
+        }
+        let bounded = [
+            ("--handshake-timeout", self.handshake_timeout),
+            ("--idle-timeout", self.idle_timeout),
+            ("--write-timeout", self.write_timeout),
+            ("--http-header-timeout", self.http_header_timeout),
+            ("--shutdown-timeout", self.shutdown_timeout),
+        ];
+        for (name, value) in bounded {
+            if value > MAX_TIMEOUT {
+                return Err(format!(
+                    "{name} {value:?} is longer than {MAX_TIMEOUT:?}: clients and orchestrators \
+                     give up long before"
+                ));
+            }
+        }
+        if self.danger_max_open_files == Some(0) {
+            return Err("--danger-max-open-files 0 leaves no file for the listeners".into());
+        }
+        Ok(())
     }
 
     /// Names the self-signed certificate must cover.
@@ -600,6 +706,101 @@ mod tests {
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert!(parse_duration("5 parsecs").is_err());
         assert!(parse_duration("").is_err());
+        // Too large for a Duration: an error, not a panic.
+        assert!(parse_duration("99999999999999999999999h").is_err());
+    }
+
+    fn args() -> ServeArgs {
+        ServeArgs::ephemeral(PathBuf::from("unused"))
+    }
+
+    /// `check`'s error for `args` after `tweak`.
+    fn refusal(tweak: impl FnOnce(&mut ServeArgs)) -> String {
+        let mut a = args();
+        tweak(&mut a);
+        match a.check() {
+            Ok(_) => panic!("accepted"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn check_accepts_the_defaults_and_the_largest_budget() {
+        assert!(args().check().is_ok());
+        let mut a = args();
+        a.datagram_budget = MAX_DATAGRAM_BUDGET as u32;
+        a.idle_timeout = MIN_IDLE_TIMEOUT;
+        a.shutdown_timeout = Duration::ZERO;
+        assert!(a.check().is_ok());
+    }
+
+    #[test]
+    fn check_refuses_impossible_combinations_naming_the_option() {
+        type Tweak = Box<dyn FnOnce(&mut ServeArgs)>;
+        let cases: Vec<(&str, Tweak)> = vec![
+            ("--datagram-budget", Box::new(|a| a.datagram_budget = 1422)),
+            (
+                "--datagram-budget",
+                Box::new(|a| a.datagram_budget = 65_000),
+            ),
+            (
+                "--datagram-send-buffer",
+                Box::new(|a| a.datagram_send_buffer = 1000),
+            ),
+            ("--max-sessions", Box::new(|a| a.max_sessions = 0)),
+            ("--max-handshakes", Box::new(|a| a.max_handshakes = 0)),
+            (
+                "--handshake-timeout",
+                Box::new(|a| a.handshake_timeout = Duration::ZERO),
+            ),
+            (
+                "--write-timeout",
+                Box::new(|a| a.write_timeout = Duration::ZERO),
+            ),
+            (
+                "--http-header-timeout",
+                Box::new(|a| a.http_header_timeout = Duration::ZERO),
+            ),
+            (
+                "--idle-timeout",
+                Box::new(|a| a.idle_timeout = Duration::ZERO),
+            ),
+            (
+                "--idle-timeout",
+                Box::new(|a| a.idle_timeout = Duration::from_millis(999)),
+            ),
+            (
+                "--shutdown-timeout",
+                Box::new(|a| a.shutdown_timeout = MAX_TIMEOUT + Duration::from_secs(1)),
+            ),
+            (
+                "--idle-timeout",
+                Box::new(|a| a.idle_timeout = Duration::from_secs(100_000)),
+            ),
+            (
+                "--churn-ticks",
+                Box::new(|a| {
+                    a.sim.churn_ticks = 3;
+                    a.sim.cars = 0;
+                }),
+            ),
+            (
+                "--churn-ticks",
+                Box::new(|a| {
+                    a.sim.churn_ticks = 3;
+                    a.feed = vec![Feed::Ingest];
+                    a.ingest.publish_token = vec![PublishToken::new("0123456789abcdef")];
+                }),
+            ),
+            (
+                "--danger-max-open-files",
+                Box::new(|a| a.danger_max_open_files = Some(0)),
+            ),
+        ];
+        for (option, tweak) in cases {
+            let e = refusal(tweak);
+            assert!(e.contains(option), "{option}: {e}");
+        }
     }
 
     #[test]

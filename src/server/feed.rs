@@ -8,9 +8,9 @@
 //! delay neither the tick nor anyone else.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::sync::watch;
@@ -75,6 +75,80 @@ impl SimSource {
     }
 }
 
+/// Whether the tick loop is alive and on time, for `/healthz`.
+///
+/// The loop runs on a thread of its own: if it panics or stalls, sessions stay open but nothing
+/// moves any more, so the health check must notice and fail (an orchestrator then restarts the
+/// process).
+#[derive(Debug)]
+pub(crate) struct TickHealth {
+    started: Instant,
+    /// Milliseconds from `started` to the end of the newest tick (0: none yet).
+    last_tick_ms: AtomicU64,
+    stopped: AtomicBool,
+}
+
+impl Default for TickHealth {
+    fn default() -> Self {
+        Self {
+            started: Instant::now(),
+            last_tick_ms: AtomicU64::new(0),
+            stopped: AtomicBool::new(false),
+        }
+    }
+}
+
+impl TickHealth {
+    /// Longest time without a tick before the server counts as behind: three tick intervals
+    /// and a second.
+    pub(crate) fn allowed_gap(period: Duration) -> Duration {
+        period * 3 + Duration::from_secs(1)
+    }
+
+    /// Records a finished tick.
+    fn beat(&self) {
+        let ms = self.started.elapsed().as_millis().min(u128::from(u64::MAX)) as u64;
+        self.last_tick_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Records that the loop has ended (returned, panicked or never started).
+    pub(crate) fn stop(&self) {
+        self.stopped.store(true, Ordering::Relaxed);
+    }
+
+    /// Time since the newest tick (or since start, before the first).
+    pub(crate) fn since_last_tick(&self) -> Duration {
+        let last = Duration::from_millis(self.last_tick_ms.load(Ordering::Relaxed));
+        self.started.elapsed().saturating_sub(last)
+    }
+
+    /// `Err(reason)` if the loop has stopped or fallen behind ticks of `period`.
+    pub(crate) fn check(&self, period: Duration) -> Result<(), String> {
+        if self.stopped.load(Ordering::Relaxed) {
+            return Err("the tick loop has stopped".into());
+        }
+        let since = self.since_last_tick();
+        let allowed = Self::allowed_gap(period);
+        if since > allowed {
+            return Err(format!(
+                "no tick for {} ms (tick interval {} ms, allowed {} ms)",
+                since.as_millis(),
+                period.as_millis(),
+                allowed.as_millis()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Marks the tick loop stopped when dropped, including while a panic unwinds it.
+struct Stopped<'a>(&'a TickHealth);
+impl Drop for Stopped<'_> {
+    fn drop(&mut self) {
+        self.0.stop();
+    }
+}
+
 /// A snapshot with its initial-state frames encoded once for every session that opens.
 pub(crate) fn snapshot(
     tick: u64,
@@ -117,10 +191,19 @@ pub(crate) async fn run(
     let mut tick: u64 = 0;
     let mut roster_version = None;
     let mut roster = Arc::new(Vec::new());
+    let _stopped = Stopped(&shared.tick_health);
     loop {
         tokio::select! {
             _ = token.cancelled() => break,
             _ = interval.tick() => {}
+        }
+        // Held for the whole tick: a test holding it stops ticks (see `danger_pause_ticks`).
+        let _gate = tokio::select! {
+            _ = token.cancelled() => break,
+            gate = shared.tick_gate.lock() => gate,
+        };
+        if shared.tick_panic.load(Ordering::Relaxed) {
+            panic!("tick loop panicked on purpose (danger_panic_tick_loop)");
         }
         tick += 1;
         let time_us = now_us();
@@ -152,6 +235,7 @@ pub(crate) async fn run(
         let sent = fan_out(&shared, &mut encoder).await;
         shared.stats.fanout_seconds.observe(started.elapsed());
         Stats::inc(&shared.stats.ticks);
+        shared.tick_health.beat();
         trace!(tick, sent, elapsed = ?started.elapsed(), "tick fanned out");
     }
     debug!("tick loop stopped");
@@ -309,6 +393,28 @@ mod tests {
                 ..Default::default()
             })
             .collect()
+    }
+
+    #[test]
+    fn tick_health_fails_when_stopped_or_behind() {
+        let health = TickHealth::default();
+        let period = Duration::from_millis(100);
+        assert_eq!(health.check(period), Ok(()));
+        assert_eq!(TickHealth::allowed_gap(period), Duration::from_millis(1300));
+        // Pretend the newest tick ended long ago.
+        let behind = TickHealth {
+            started: Instant::now() - Duration::from_secs(10),
+            ..TickHealth::default()
+        };
+        let e = behind.check(period).unwrap_err();
+        assert!(e.starts_with("no tick for"), "{e}");
+        behind.beat();
+        assert_eq!(behind.check(period), Ok(()));
+        health.stop();
+        assert_eq!(
+            health.check(period),
+            Err("the tick loop has stopped".into())
+        );
     }
 
     #[test]

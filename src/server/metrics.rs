@@ -87,6 +87,7 @@ pub(crate) fn render(shared: &Shared) -> String {
             ),
             ("webtransport", "handshake_failed", get(&s.handshake_failed)),
             ("websocket", "malformed", get(&s.ws_refused_malformed)),
+            ("webtransport", "reply_timeout", get(&s.reply_timeouts)),
             ("websocket", "forbidden", get(&s.ws_refused_forbidden)),
             ("websocket", "unauthorized", get(&s.ws_refused_unauthorized)),
             ("websocket", "full", get(&s.ws_refused_full)),
@@ -225,6 +226,40 @@ pub(crate) fn render(shared: &Shared) -> String {
     o.family(name, "counter", "Publishers' cars removed, by reason.");
     o.sample(name, "reason=\"deleted\"", get(&s.ingest_cars_removed));
     o.sample(name, "reason=\"timeout\"", get(&s.ingest_cars_expired));
+
+    o.family(
+        "fleetcast_http_connections",
+        "gauge",
+        "TCP connections open on the HTTP port, WebSocket sessions included.",
+    );
+    o.sample(
+        "fleetcast_http_connections",
+        "",
+        get(&s.open_http_connections),
+    );
+    let name = "fleetcast_http_connections_dropped_total";
+    o.family(
+        name,
+        "counter",
+        "HTTP connections closed or refused by the server's limits, by reason.",
+    );
+    o.sample(
+        name,
+        "reason=\"header_timeout\"",
+        get(&s.http_header_timeouts),
+    );
+    o.sample(name, "reason=\"per_ip\"", get(&s.http_refused_per_ip));
+    o.sample(name, "reason=\"no_fd\"", get(&s.http_refused_no_fd));
+    o.family(
+        "fleetcast_http_accept_errors_total",
+        "counter",
+        "Failed accepts on the HTTP listener (out of file descriptors, mostly).",
+    );
+    o.sample(
+        "fleetcast_http_accept_errors_total",
+        "",
+        get(&s.http_accept_errors),
+    );
 
     let name = "fleetcast_tick_fanout_seconds";
     o.family(

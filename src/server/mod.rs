@@ -13,7 +13,9 @@
 //!
 //! One shutdown path: [`Server::shutdown`] (Ctrl-C / SIGTERM in the binary) cancels a token; the
 //! accept loop stops first, sessions say goodbye and close with [`CloseCode::GoingAway`], and the
-//! endpoint closes once they are gone or the shutdown timeout passes.
+//! endpoint closes once they are gone or the shutdown timeout passes. The HTTP side stops
+//! accepting at the same moment and drops whatever connection is still open when the shutdown
+//! timeout passes, so no client can hold the process up.
 
 mod admission;
 pub mod config;
@@ -114,6 +116,12 @@ pub(crate) struct Shared {
     /// Tests only (0 otherwise): microseconds [`Shared::publish`] pauses between a tick's roster
     /// events and its snapshot. See [`Server::danger_pause_publishing`].
     pub danger_publish_pause_us: AtomicU64,
+    /// Whether the tick loop is alive and on time (`/healthz`).
+    pub tick_health: feed::TickHealth,
+    /// Held by the tick loop during each tick; tests hold it to stop ticks.
+    pub tick_gate: tokio::sync::Mutex<()>,
+    /// Set by a test to make the tick loop panic at its next tick.
+    pub tick_panic: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -253,6 +261,9 @@ impl Server {
             wt_port: wt_addr.port(),
             ticks: watch::Sender::new(Arc::new(EncodedTick::default())),
             danger_publish_pause_us: AtomicU64::new(0),
+            tick_health: feed::TickHealth::default(),
+            tick_gate: tokio::sync::Mutex::new(()),
+            tick_panic: std::sync::atomic::AtomicBool::new(false),
             args,
         });
 
@@ -269,7 +280,10 @@ impl Server {
                     .build()
                 {
                     Ok(runtime) => runtime.block_on(feed::run(shared, sim, latest_tx, token)),
-                    Err(e) => tracing::error!("cannot start the tick loop's runtime: {e}"),
+                    Err(e) => {
+                        shared.tick_health.stop();
+                        tracing::error!("cannot start the tick loop's runtime: {e}");
+                    }
                 }
             })
             .context("starting the tick thread")?;
@@ -350,6 +364,19 @@ impl Server {
         self.shared
             .danger_publish_pause_us
             .store(us, Ordering::Relaxed);
+    }
+
+    /// For tests: stops ticks until the guard is dropped. Once it returns, no tick is in
+    /// progress, so the counters hold still.
+    #[doc(hidden)]
+    pub async fn danger_pause_ticks(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.shared.tick_gate.lock().await
+    }
+
+    /// For tests: makes the tick loop panic at its next tick, as a bug in it would.
+    #[doc(hidden)]
+    pub fn danger_panic_tick_loop(&self) {
+        self.shared.tick_panic.store(true, Ordering::Relaxed);
     }
 }
 

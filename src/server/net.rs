@@ -17,10 +17,11 @@ pub fn transport_config(args: &ServeArgs) -> Result<quinn::TransportConfig> {
     ));
     // Every tick's datagram is acknowledged by the client, which keeps the connection alive;
     // only when ticks are further apart than a third of the idle timeout does the server need
-    // its own keep-alive (each ping costs a packet each way on every session).
+    // its own keep-alive (each ping costs a packet each way on every session). The idle timeout
+    // is at least a second (`ServeArgs::check`), so pings are never more frequent than 3/s.
     let tick = Duration::from_millis(u64::from(args.tick_ms));
     if tick * 3 > args.idle_timeout {
-        t.keep_alive_interval(Some((args.idle_timeout / 3).max(Duration::from_secs(1))));
+        t.keep_alive_interval(Some(args.idle_timeout / 3));
     }
     // One packet per session per tick gains nothing from GSO batching, and a connection keeps
     // its transmit buffer at the largest batch it ever sent (~10 packets): send one at a time.

@@ -3,6 +3,7 @@
 //! A session's failure stays inside it: every error ends that session (with a close code the
 //! client can read) and is logged once, in [`handle`].
 
+use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -127,6 +128,19 @@ pub(crate) async fn accept_loop(
     debug!("accept loop stopped");
 }
 
+/// Sends the answer to a session request within --write-timeout. A client that does not take
+/// it (no flow-control credit, say) would otherwise hold the connection and this task outside
+/// every limit; dropping the request closes the connection.
+async fn reply(shared: &Shared, remote: std::net::SocketAddr, answer: impl Future<Output = ()>) {
+    if tokio::time::timeout(shared.args.write_timeout, answer)
+        .await
+        .is_err()
+    {
+        Stats::inc(&shared.stats.reply_timeouts);
+        debug!(%remote, "refusal not taken within --write-timeout: connection dropped");
+    }
+}
+
 /// Removes the session from the datagram fan-out when it ends, and counts the datagrams QUIC
 /// dropped for it (queued but never sent because its send buffer was full).
 struct Registration<'a>(&'a Shared, u64);
@@ -165,19 +179,19 @@ async fn handle(request: SessionRequest, shared: Arc<Shared>, token: Cancellatio
         // an `Origin` spelt otherwise must not pass as a request without one.
         Stats::inc(&shared.stats.refused_malformed);
         debug!(%remote, header = %name, "refused: upper-case header name (400)");
-        request.reject_with_status(400).await;
+        reply(&shared, remote, request.reject_with_status(400)).await;
         return;
     }
     if path != SESSION_PATH {
         Stats::inc(&shared.stats.refused_not_found);
         debug!(%remote, path, "refused: 404"); // without the query: it may hold a token
-        request.not_found().await;
+        reply(&shared, remote, request.not_found()).await;
         return;
     }
     if !origin_allowed(&shared.allowed_origins, request.origin()) {
         Stats::inc(&shared.stats.refused_forbidden);
         info!(%remote, origin = request.origin(), "refused: origin not allowed (403)");
-        request.forbidden().await;
+        reply(&shared, remote, request.forbidden()).await;
         return;
     }
     if let Some(secret) = &shared.args.subscribe_secret {
@@ -187,7 +201,7 @@ async fn handle(request: SessionRequest, shared: Arc<Shared>, token: Cancellatio
                 Stats::inc(&shared.stats.refused_unauthorized);
                 // The reason only: the token itself is a credential and never logged.
                 debug!(%remote, "refused: {e} (401)");
-                request.reject_with_status(401).await;
+                reply(&shared, remote, request.reject_with_status(401)).await;
                 return;
             }
         }
@@ -200,14 +214,20 @@ async fn handle(request: SessionRequest, shared: Arc<Shared>, token: Cancellatio
                 Refusal::PerAddress => Stats::inc(&shared.stats.refused_per_ip),
             }
             debug!(%remote, ?refusal, "refused (429)");
-            request.too_many_requests().await;
+            reply(&shared, remote, request.too_many_requests()).await;
             return;
         }
     };
-    let conn = match request.accept().await {
-        Ok(conn) => conn,
-        Err(e) => {
+    // Like a refusal, the acceptance is a write the client could leave waiting forever.
+    let conn = match tokio::time::timeout(shared.args.write_timeout, request.accept()).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => {
             debug!(%remote, "session failed while accepting: {e}");
+            return;
+        }
+        Err(_) => {
+            Stats::inc(&shared.stats.reply_timeouts);
+            debug!(%remote, "acceptance not taken within --write-timeout: connection dropped");
             return;
         }
     };

@@ -26,6 +26,8 @@ counters! {
     open_webtransport,
     /// Gauge: WebSocket sessions open now.
     open_websocket,
+    /// Gauge: TCP connections open now on the HTTP port (WebSocket sessions included).
+    open_http_connections,
     /// Gauge: bytes of the newest tick's datagrams (one encoding, without per-session headers).
     snapshot_bytes,
     /// Gauge: datagrams the newest tick was split into.
@@ -62,6 +64,9 @@ counters! {
     ws_refused_per_ip,
     /// Handshakes that failed or did not send CONNECT within --handshake-timeout.
     handshake_failed,
+    /// Answers to session requests (accept, 401, 403, 404, 429) the client did not take within
+    /// --write-timeout; its connection was dropped.
+    reply_timeouts,
     /// Sessions closed for sending what protocol v1 forbids.
     closed_protocol_violation,
     /// Sessions closed for not reading the reliable stream in time.
@@ -116,6 +121,18 @@ counters! {
     ingest_cars_removed,
     /// Cars removed after --car-timeout without a fix.
     ingest_cars_expired,
+    /// HTTP connections closed for sending no complete request header within
+    /// --http-header-timeout (half-sent headers, or idle between requests).
+    http_header_timeouts,
+    /// HTTP connections refused (429, closed) because their address had
+    /// --max-http-conns-per-ip open.
+    http_refused_per_ip,
+    /// Failed accepts on the HTTP listener other than clients giving up (out of file
+    /// descriptors, mostly).
+    http_accept_errors,
+    /// HTTP connections accepted on the spare descriptor only to be refused (503) because the
+    /// process had no file descriptor left.
+    http_refused_no_fd,
 }
 
 /// Upper bounds of the fan-out histogram's buckets, seconds.

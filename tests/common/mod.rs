@@ -59,9 +59,45 @@ impl TestServer {
 
     /// Fetches `/healthz` over real HTTP.
     pub async fn healthz(&self) -> serde_json::Value {
+        self.health().await.1
+    }
+
+    /// Fetches `/healthz` over real HTTP: its status and its JSON.
+    pub async fn health(&self) -> (u16, serde_json::Value) {
         let url = format!("http://{}/healthz", self.server.http_addr);
-        let text = reqwest::get(&url).await.unwrap().text().await.unwrap();
-        serde_json::from_str(&text).unwrap()
+        let response = reqwest::get(&url).await.unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap())
+    }
+
+    /// Polls `/healthz` until it answers `status`, for at most `limit`; returns its JSON.
+    pub async fn health_becomes(&self, status: u16, limit: Duration) -> serde_json::Value {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let (now, body) = self.health().await;
+            if now == status {
+                return body;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "/healthz still {now}, not {status}, after {limit:?}: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Waits until `condition` holds, checking every 20 ms, for at most `limit`; panics naming
+/// `what` otherwise.
+pub async fn wait_until(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not within {limit:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

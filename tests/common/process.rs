@@ -13,6 +13,8 @@ pub struct Serve {
     pub child: Child,
     pub wt_port: u16,
     pub http_port: u16,
+    /// Every line the server has logged so far.
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     pub dir: tempfile::TempDir,
 }
 
@@ -20,6 +22,12 @@ impl Serve {
     /// `http://127.0.0.1:PORT`, the server's HTTP side.
     pub fn http_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    /// The log lines that contain `text`.
+    pub fn logged(&self, text: &str) -> Vec<String> {
+        let log = self.log.lock().unwrap();
+        log.iter().filter(|l| l.contains(text)).cloned().collect()
     }
 }
 
@@ -46,7 +54,19 @@ pub fn serve(extra: &[&str]) -> Serve {
 /// Starts `fleetcast serve` with its certificates in `dir`; with `expect_reuse` it fails if
 /// the server generates a new certificate instead of reusing the one in `dir`.
 pub fn serve_in(dir: tempfile::TempDir, extra: &[&str], expect_reuse: bool) -> Serve {
-    let mut child = Command::new(BIN)
+    serve_with(dir, extra, expect_reuse, |_| {})
+}
+
+/// Like [`serve_in`], with `tweak` applied to the command before it starts.
+pub fn serve_with(
+    dir: tempfile::TempDir,
+    extra: &[&str],
+    expect_reuse: bool,
+    tweak: impl FnOnce(&mut Command),
+) -> Serve {
+    let mut command = Command::new(BIN);
+    tweak(&mut command);
+    let mut child = command
         .args([
             "serve",
             "--wt-listen",
@@ -70,11 +90,13 @@ pub fn serve_in(dir: tempfile::TempDir, extra: &[&str], expect_reuse: bool) -> S
         }
     });
     let (mut wt, mut http) = (None, None);
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let deadline = Instant::now() + Duration::from_secs(20);
     while wt.is_none() || http.is_none() {
         let line = rx
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
             .expect("server printed its URLs");
+        log.lock().unwrap().push(line.clone());
         assert!(
             !(expect_reuse && line.contains("generated")),
             "certificate regenerated: {line}"
@@ -83,11 +105,19 @@ pub fn serve_in(dir: tempfile::TempDir, extra: &[&str], expect_reuse: bool) -> S
         http = http.or_else(|| port_after(&line, "web demo:     http://localhost:"));
     }
     // Keep draining the log so the server never blocks on a full pipe.
-    std::thread::spawn(move || while rx.recv().is_ok() {});
+    std::thread::spawn({
+        let log = log.clone();
+        move || {
+            while let Ok(line) = rx.recv() {
+                log.lock().unwrap().push(line);
+            }
+        }
+    });
     Serve {
         child,
         wt_port: wt.unwrap(),
         http_port: http.unwrap(),
+        log,
         dir,
     }
 }
