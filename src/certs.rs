@@ -3,7 +3,8 @@
 //!
 //! Browsers accept a self-signed certificate through `serverCertificateHashes` only if it is
 //! ECDSA P-256 and valid for at most 14 days, so fleetcast issues 13-day certificates, reuses one
-//! across restarts while it stays valid for at least another day, and replaces it otherwise.
+//! across restarts while more than a quarter of its validity is left, and replaces it otherwise;
+//! a running server renews it with an overlap ([`Rotation`], `server::rotation`).
 //!
 //! Every certificate and key is checked to be a pair before the server starts (wtransport
 //! panics on a mismatched pair). The self-signed pair is written through temporary files and
@@ -20,10 +21,41 @@ use anyhow::{anyhow, bail, Context, Result};
 use sha2::{Digest, Sha256};
 use wtransport::Identity;
 
-/// Total validity of a generated certificate (browsers refuse more than 14 days).
+/// Default total validity of a generated certificate (browsers refuse more than 14 days).
 pub const VALIDITY: Duration = Duration::from_secs(13 * 24 * 3600);
-/// A stored certificate is replaced when it expires sooner than this.
-pub const MIN_REMAINING: Duration = Duration::from_secs(24 * 3600);
+/// Longest validity browsers accept for a certificate trusted by its hash.
+pub const MAX_VALIDITY: Duration = Duration::from_secs(14 * 24 * 3600);
+
+/// When a running server renews its self-signed certificate, as fractions of its validity.
+///
+/// With half of its validity left, the next certificate is made and its hash published beside
+/// the current one (`/certificate.sha256` lists both), so pages that fetch the hashes then trust
+/// either. With a quarter left, the endpoint switches to the next certificate for new
+/// connections; open sessions keep theirs. A stored certificate is reused at start-up only
+/// while more than a quarter of its validity is left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rotation {
+    /// Total validity of each certificate.
+    pub validity: Duration,
+}
+
+impl Rotation {
+    /// Remaining validity at which the next certificate is made and published.
+    pub fn publish_next_at(&self) -> Duration {
+        self.validity / 2
+    }
+
+    /// Remaining validity at which new connections get the next certificate.
+    pub fn switch_at(&self) -> Duration {
+        self.validity / 4
+    }
+}
+
+impl Default for Rotation {
+    fn default() -> Self {
+        Self { validity: VALIDITY }
+    }
+}
 /// Backdating of `not_before`, for clients whose clocks run a little behind.
 const BACKDATE: Duration = Duration::from_secs(3600);
 
@@ -45,10 +77,15 @@ pub struct ServerIdentity {
 
 /// Loads the self-signed certificate from `dir` if it is still good for `names`, else makes and
 /// stores a new one.
-pub async fn self_signed(dir: &Path, names: &[String], now: SystemTime) -> Result<ServerIdentity> {
+pub async fn self_signed(
+    dir: &Path,
+    names: &[String],
+    now: SystemTime,
+    rotation: Rotation,
+) -> Result<ServerIdentity> {
     let cert_path = dir.join(CERT_FILE);
     let key_path = dir.join(KEY_FILE);
-    match reusable(&cert_path, &key_path, names, now) {
+    match reusable(&cert_path, &key_path, names, now, rotation.switch_at()) {
         Ok(Some(not_after)) => match load_pair(&cert_path, &key_path).await {
             Ok(identity) => {
                 return Ok(finish(
@@ -62,18 +99,63 @@ pub async fn self_signed(dir: &Path, names: &[String], now: SystemTime) -> Resul
         Ok(None) => {}
         Err(e) => tracing::warn!("stored certificate unusable, making a new one: {e:#}"),
     }
-    let (cert_pem, key_pem, not_after) = generate(names, now)?;
-    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    write_pair(
-        (&cert_path, cert_pem.as_bytes()),
-        (&key_path, key_pem.as_bytes()),
-    )?;
+    let (cert_pem, key_pem, not_after) = generate(names, now, rotation.validity)?;
+    store(dir, &cert_pem, &key_pem)?;
     let identity = load_pair(&cert_path, &key_path).await?;
     Ok(finish(
         identity,
         not_after,
         format!("generated {}", cert_path.display()),
     ))
+}
+
+/// A new self-signed certificate, made in memory: the next one a running server switches to.
+/// Returns it with its PEM certificate and key, for [`store`] once it is in use.
+pub async fn next_self_signed(
+    dir: &Path,
+    names: &[String],
+    now: SystemTime,
+    rotation: Rotation,
+) -> Result<(ServerIdentity, String, String)> {
+    let (cert_pem, key_pem, not_after) = generate(names, now, rotation.validity)?;
+    // Through files, so the same loading and pair check as at start-up apply.
+    let tmp = tempfile_dir(dir)?;
+    let (cert_path, key_path) = (tmp.join(CERT_FILE), tmp.join(KEY_FILE));
+    write_pair(
+        (&cert_path, cert_pem.as_bytes()),
+        (&key_path, key_pem.as_bytes()),
+    )?;
+    let identity = load_pair(&cert_path, &key_path).await;
+    let _ = fs::remove_dir_all(&tmp);
+    let id = finish(
+        identity?,
+        not_after,
+        "generated the next certificate".into(),
+    );
+    Ok((id, cert_pem, key_pem))
+}
+
+/// A private directory beside `dir` for a certificate not in use yet.
+fn tempfile_dir(dir: &Path) -> Result<PathBuf> {
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tmp = dir.join(format!(".next.{}", std::process::id()));
+    let _ = fs::remove_dir_all(&tmp);
+    fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(tmp)
+}
+
+/// Stores a self-signed pair in `dir` as the one to reuse at the next start.
+pub fn store(dir: &Path, cert_pem: &str, key_pem: &str) -> Result<()> {
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    write_pair(
+        (&dir.join(CERT_FILE), cert_pem.as_bytes()),
+        (&dir.join(KEY_FILE), key_pem.as_bytes()),
+    )
 }
 
 /// Loads a CA-issued certificate chain and key.
@@ -150,14 +232,18 @@ fn reusable(
     key_path: &Path,
     names: &[String],
     now: SystemTime,
+    min_remaining: Duration,
 ) -> Result<Option<SystemTime>> {
     if !cert_path.exists() || !key_path.exists() {
         return Ok(None);
     }
     let pem = fs::read(cert_path)?;
     let (not_after, sans) = inspect(&pem)?;
-    if not_after < now + MIN_REMAINING {
-        tracing::info!("stored certificate expires within a day; replacing it");
+    if not_after < now + min_remaining {
+        tracing::info!(
+            "stored certificate expires within {}; replacing it",
+            humantime(min_remaining)
+        );
         return Ok(None);
     }
     if let Some(missing) = names.iter().find(|n| !sans.contains(n)) {
@@ -195,16 +281,34 @@ fn inspect(pem: &[u8]) -> Result<(SystemTime, Vec<String>)> {
     Ok((UNIX_EPOCH + Duration::from_secs(not_after as u64), sans))
 }
 
-/// A new ECDSA P-256 certificate for `names`, valid from an hour ago for [`VALIDITY`].
-fn generate(names: &[String], now: SystemTime) -> Result<(String, String, SystemTime)> {
+/// `3d 6h`, `12s`: a duration for logs.
+fn humantime(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        7200..=172_799 => format!("{}h", s / 3600),
+        _ => format!("{}d {}h", s / 86_400, s % 86_400 / 3600),
+    }
+}
+
+/// A new ECDSA P-256 certificate for `names`, valid from an hour ago for `validity` (at most
+/// [`MAX_VALIDITY`] in all, the browsers' rule).
+fn generate(
+    names: &[String],
+    now: SystemTime,
+    validity: Duration,
+) -> Result<(String, String, SystemTime)> {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let mut params = rcgen::CertificateParams::new(names.to_vec())?;
     params
         .distinguished_name
         .push(rcgen::DnType::CommonName, "fleetcast self-signed");
-    let not_before = now - BACKDATE;
-    // Total validity (not_before..not_after) stays at VALIDITY, under the 14-day browser rule.
-    let not_after = not_before + VALIDITY;
+    // Backdated for clients whose clocks run behind, within the total the browsers allow.
+    let validity = validity.min(MAX_VALIDITY - Duration::from_secs(60));
+    let backdate = BACKDATE.min(MAX_VALIDITY - Duration::from_secs(60) - validity);
+    let not_before = now - backdate;
+    let not_after = now + validity;
     params.not_before = time::OffsetDateTime::from(not_before);
     params.not_after = time::OffsetDateTime::from(not_after);
     let cert = params.self_signed(&key)?;
@@ -288,20 +392,28 @@ mod tests {
     async fn self_signed_is_reused_while_valid_and_replaced_near_expiry() {
         let dir = tempfile::tempdir().unwrap();
         let now = SystemTime::now();
-        let a = self_signed(dir.path(), &names(), now).await.unwrap();
+        let a = self_signed(dir.path(), &names(), now, Rotation::default())
+            .await
+            .unwrap();
         assert!(a.source.starts_with("generated"));
-        let b = self_signed(dir.path(), &names(), now).await.unwrap();
+        let b = self_signed(dir.path(), &names(), now, Rotation::default())
+            .await
+            .unwrap();
         assert!(b.source.starts_with("reused"), "{}", b.source);
         assert_eq!(a.hash_hex, b.hash_hex);
-        // Twelve and a half days later less than a day remains: a new certificate.
-        let later = now + Duration::from_secs(12 * 24 * 3600 + 12 * 3600);
-        let c = self_signed(dir.path(), &names(), later).await.unwrap();
+        // Ten days later less than a quarter of 13 days remains: a new certificate.
+        let later = now + Duration::from_secs(10 * 24 * 3600);
+        let c = self_signed(dir.path(), &names(), later, Rotation::default())
+            .await
+            .unwrap();
         assert!(c.source.starts_with("generated"));
         assert_ne!(a.hash_hex, c.hash_hex);
         // A new name forces a new certificate too.
         let mut more = names();
         more.push("fleet.example".into());
-        let d = self_signed(dir.path(), &more, later).await.unwrap();
+        let d = self_signed(dir.path(), &more, later, Rotation::default())
+            .await
+            .unwrap();
         assert!(d.source.starts_with("generated"));
     }
 
@@ -309,16 +421,22 @@ mod tests {
     async fn a_leftover_mismatched_pair_is_detected_and_replaced() {
         let dir = tempfile::tempdir().unwrap();
         let now = SystemTime::now();
-        let first = self_signed(dir.path(), &names(), now).await.unwrap();
+        let first = self_signed(dir.path(), &names(), now, Rotation::default())
+            .await
+            .unwrap();
         // What a crash between the two renames leaves: a new key beside the old certificate.
-        let (_, other_key, _) = generate(&names(), now).unwrap();
+        let (_, other_key, _) = generate(&names(), now, VALIDITY).unwrap();
         fs::write(dir.path().join(KEY_FILE), other_key).unwrap();
-        let second = self_signed(dir.path(), &names(), now).await.unwrap();
+        let second = self_signed(dir.path(), &names(), now, Rotation::default())
+            .await
+            .unwrap();
         assert!(second.source.starts_with("generated"), "{}", second.source);
         assert_ne!(first.hash_hex, second.hash_hex);
         assert!(check_pair(&second.identity).is_ok());
         // The new pair is reused as it is, and no temporary file is left.
-        let third = self_signed(dir.path(), &names(), now).await.unwrap();
+        let third = self_signed(dir.path(), &names(), now, Rotation::default())
+            .await
+            .unwrap();
         assert!(third.source.starts_with("reused"), "{}", third.source);
         let mut files: Vec<String> = fs::read_dir(dir.path())
             .unwrap()
@@ -331,8 +449,8 @@ mod tests {
     #[tokio::test]
     async fn a_mismatched_pair_of_files_is_an_error_naming_both() {
         let dir = tempfile::tempdir().unwrap();
-        let (cert, _, _) = generate(&names(), SystemTime::now()).unwrap();
-        let (_, key, _) = generate(&names(), SystemTime::now()).unwrap();
+        let (cert, _, _) = generate(&names(), SystemTime::now(), VALIDITY).unwrap();
+        let (_, key, _) = generate(&names(), SystemTime::now(), VALIDITY).unwrap();
         let (cert_path, key_path) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
         fs::write(&cert_path, cert).unwrap();
         fs::write(&key_path, key).unwrap();
@@ -347,7 +465,7 @@ mod tests {
     #[tokio::test]
     async fn ca_issued_files_load_without_a_published_hash() {
         let dir = tempfile::tempdir().unwrap();
-        let (cert, key, not_after) = generate(&names(), SystemTime::now()).unwrap();
+        let (cert, key, not_after) = generate(&names(), SystemTime::now(), VALIDITY).unwrap();
         let (cert_path, key_path) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
         fs::write(&cert_path, cert).unwrap();
         fs::write(&key_path, key).unwrap();
@@ -367,7 +485,9 @@ mod tests {
     async fn self_signed_validity_and_key_mode_follow_browser_rules() {
         let dir = tempfile::tempdir().unwrap();
         let now = SystemTime::now();
-        let id = self_signed(dir.path(), &names(), now).await.unwrap();
+        let id = self_signed(dir.path(), &names(), now, Rotation::default())
+            .await
+            .unwrap();
         let pem = fs::read(dir.path().join(CERT_FILE)).unwrap();
         let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
         let cert = pem.parse_x509().unwrap();

@@ -190,7 +190,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     if server.tokens_required() {
         info!("subscriber tokens required: add ?token=... (fleetcast token --secret ...)");
     }
-    if let Some(hash) = &server.cert_hash {
+    if let Some(hash) = server.cert_hashes().first() {
         info!("certificate:  sha-256 {hash}");
         info!("              (also at http://localhost:{http_port}/certificate.sha256)");
     }

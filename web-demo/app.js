@@ -61,6 +61,7 @@ const fc = {
   /** The server's protocol version when this page does not speak it (the session was closed). */
   unsupportedVersion: null,
   fallbackReason: null,
+  certificateHashes: 0, // hashes passed to the last WebTransport session (2 while renewing)
   tokenGiven: token !== null,
   tokenRequired: null, // from /config.json
   tokenStatus: null, // null (not required) | 'sent' | 'accepted' | TOKEN_REFUSED
@@ -274,15 +275,23 @@ async function fetchJson(path) {
   return r.json();
 }
 
-/** The certificate hashes to trust; none (system roots) when the server says 404. */
+/**
+ * The certificate hashes to trust, one a line on the server: the certificate in use and, while
+ * the server renews it, the next one. None (system roots) when the server says 404.
+ */
 async function certificateHashes() {
   const r = await fetch('/certificate.sha256', { cache: 'no-store' });
   if (r.status === 404) return [];
   if (!r.ok) throw new Error(`/certificate.sha256: HTTP ${r.status}`);
-  const hex = (await r.text()).trim().replace(/:/g, '');
-  if (!/^[0-9a-fA-F]{64}$/.test(hex)) throw new Error('malformed certificate hash');
-  const value = Uint8Array.from(hex.match(/../g), (b) => parseInt(b, 16));
-  return [{ algorithm: 'sha-256', value }];
+  const lines = (await r.text()).split('\n').map((l) => l.trim().replace(/:/g, '')).filter(Boolean);
+  if (!lines.length || !lines.every((hex) => /^[0-9a-fA-F]{64}$/.test(hex))) {
+    throw new Error('malformed certificate hash');
+  }
+  fc.certificateHashes = lines.length;
+  return lines.map((hex) => ({
+    algorithm: 'sha-256',
+    value: Uint8Array.from(hex.match(/../g), (b) => parseInt(b, 16)),
+  }));
 }
 
 /** `url` with the page's subscriber token, if it has one, as `?token=` (URL-encoded). */

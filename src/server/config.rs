@@ -44,7 +44,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "s" | "" => n,
         "m" => n * 60.0,
         "h" => n * 3600.0,
-        _ => return Err(format!("unknown unit in '{s}' (use ms, s, m or h)")),
+        "d" => n * 86_400.0,
+        _ => return Err(format!("unknown unit in '{s}' (use ms, s, m, h or d)")),
     };
     // `try_from`: a huge number must be an error, not a panic.
     Duration::try_from_secs_f64(secs).map_err(|_| format!("'{s}' is not a valid duration"))
@@ -111,6 +112,18 @@ pub struct ServeArgs {
     #[arg(long, env = "FLEETCAST_DATAGRAM_BUDGET", default_value_t = 1100,
           value_parser = clap::value_parser!(u32).range(64..=65_000))]
     pub datagram_budget: u32,
+
+    /// Validity of each self-signed certificate (at most 14 days: browsers refuse longer ones
+    /// by hash). A running server renews it: the next hash is published with half the validity
+    /// left, new connections switch to it with a quarter left.
+    #[arg(long, env = "FLEETCAST_CERT_VALIDITY", default_value = "13d",
+          value_parser = parse_duration)]
+    pub cert_validity: Duration,
+
+    /// How often --cert and --key are checked for a change (they are also reloaded on SIGHUP).
+    #[arg(long, env = "FLEETCAST_CERT_RELOAD_CHECK", default_value = "10s",
+          value_parser = parse_duration)]
+    pub cert_reload_check: Duration,
 
     /// Directory for the self-signed certificate and key.
     #[arg(long, env = "FLEETCAST_CERT_DIR", default_value = "certs")]
@@ -306,6 +319,15 @@ impl ServeArgs {
         }
         if self.max_handshakes == 0 {
             return Err("--max-handshakes 0 would refuse every connection".into());
+        }
+        if self.cert_validity > crate::certs::MAX_VALIDITY
+            || self.cert_validity < Duration::from_secs(4)
+        {
+            return Err(format!(
+                "--cert-validity {:?} must be between 4s and 14d (browsers refuse longer \
+                 certificates by hash)",
+                self.cert_validity
+            ));
         }
         let nonzero = [
             ("--handshake-timeout", self.handshake_timeout),

@@ -429,17 +429,24 @@ fn spare_descriptor() -> Option<std::fs::File> {
     std::fs::File::open(path).ok()
 }
 
+/// The hashes of the certificates to trust, one a line: the one in use, then the next one
+/// once it is published (see `rotation`).
 async fn certificate_hash(State(shared): State<Arc<Shared>>) -> Response {
-    match &shared.cert_hash {
-        Some(hash) => (
+    let hashes = shared
+        .cert_hashes
+        .read()
+        .expect("hashes lock poisoned")
+        .clone();
+    match hashes.is_empty() {
+        false => (
             [
                 (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
                 (header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"),
             ],
-            format!("{hash}\n"),
+            hashes.iter().map(|h| format!("{h}\n")).collect::<String>(),
         )
             .into_response(),
-        None => (
+        true => (
             StatusCode::NOT_FOUND,
             "this server uses a CA-issued certificate: trust it through the system roots\n",
         )

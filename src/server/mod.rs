@@ -25,6 +25,7 @@ mod ingest;
 mod metrics;
 mod net;
 mod rate;
+mod rotation;
 mod session;
 mod stats;
 mod ws;
@@ -107,7 +108,9 @@ pub(crate) struct Shared {
     pub admission: admission::Admission,
     pub next_session: AtomicU64,
     pub allowed_origins: Vec<String>,
-    pub cert_hash: Option<String>,
+    /// SHA-256 of the self-signed certificates clients should trust, lowercase hex: the one in
+    /// use, then the next one once it is published (empty for a CA-issued certificate).
+    pub cert_hashes: std::sync::RwLock<Vec<String>>,
     pub roads: Vec<Road>,
     /// UDP port of the WebTransport endpoint, for `/config.json`.
     pub wt_port: u16,
@@ -125,6 +128,11 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Changes the published certificate hashes.
+    pub(crate) fn set_cert_hashes(&self, change: impl FnOnce(&mut Vec<String>)) {
+        change(&mut self.cert_hashes.write().expect("hashes lock poisoned"));
+    }
+
     /// The Hello every session starts with, on either transport.
     pub(crate) fn hello(&self) -> StreamMessage {
         StreamMessage::Hello(Hello {
@@ -202,7 +210,12 @@ impl Server {
         let now = SystemTime::now();
         let identity = match (&args.cert, &args.key) {
             (Some(cert), Some(key)) => certs::from_files(cert, key).await?,
-            (None, None) => certs::self_signed(&args.cert_dir, &args.cert_names(), now).await?,
+            (None, None) => {
+                let rotation = certs::Rotation {
+                    validity: args.cert_validity,
+                };
+                certs::self_signed(&args.cert_dir, &args.cert_names(), now, rotation).await?
+            }
             _ => anyhow::bail!("--cert and --key go together"),
         };
         info!(
@@ -213,7 +226,7 @@ impl Server {
 
         let socket = crate::udp::bind_udp(args.wt_listen, args.udp_buffer)?;
         let server_config = net::server_config(socket, identity.identity, &args)?;
-        let endpoint = Endpoint::server(server_config).context("starting QUIC endpoint")?;
+        let endpoint = Arc::new(Endpoint::server(server_config).context("starting QUIC endpoint")?);
         let wt_addr = endpoint.local_addr()?;
 
         let http_listener = tokio::net::TcpListener::bind(args.http_listen)
@@ -256,7 +269,7 @@ impl Server {
             admission: admission::Admission::default(),
             next_session: AtomicU64::new(1),
             allowed_origins,
-            cert_hash: identity.hash_hex.clone(),
+            cert_hashes: std::sync::RwLock::new(identity.hash_hex.iter().cloned().collect()),
             roads,
             wt_port: wt_addr.port(),
             ticks: watch::Sender::new(Arc::new(EncodedTick::default())),
@@ -294,6 +307,12 @@ impl Server {
             tracker.clone(),
         ));
 
+        let rotation = tokio::spawn(rotation::run(
+            shared.clone(),
+            endpoint.clone(),
+            identity.not_after,
+            token.clone(),
+        ));
         let accept_token = token.clone();
         let done = tokio::spawn({
             let shared = shared.clone();
@@ -312,6 +331,7 @@ impl Server {
                 endpoint.close(CloseCode::GoingAway.code().into(), b"server shutting down");
                 let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
                 let _ = http.await;
+                let _ = rotation.await;
                 // The token is cancelled, so the tick loop is returning.
                 let _ = tokio::task::spawn_blocking(move || tick_thread.join()).await;
                 info!("shutdown complete");
@@ -346,6 +366,15 @@ impl Server {
     /// Whether sessions need a subscriber token (--subscribe-secret).
     pub fn tokens_required(&self) -> bool {
         self.shared.args.subscribe_secret.is_some()
+    }
+
+    /// The certificate hashes `/certificate.sha256` lists now (current first, then the next).
+    pub fn cert_hashes(&self) -> Vec<String> {
+        self.shared
+            .cert_hashes
+            .read()
+            .expect("hashes lock poisoned")
+            .clone()
     }
 
     /// Sessions open right now.

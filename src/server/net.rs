@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use wtransport::config::{states, ServerConfigBuilder};
 use wtransport::{Identity, ServerConfig};
 
 use super::ServeArgs;
@@ -43,8 +44,25 @@ pub fn server_config(
     identity: Identity,
     args: &ServeArgs,
 ) -> Result<ServerConfig> {
-    let mut config = ServerConfig::builder()
-        .with_bind_socket(socket)
+    configure(
+        ServerConfig::builder().with_bind_socket(socket),
+        identity,
+        args,
+    )
+}
+
+/// A configuration that carries only a new identity, for `Endpoint::reload_config` without
+/// rebinding (its bind address is not used).
+pub fn reload_config(identity: Identity, args: &ServeArgs) -> Result<ServerConfig> {
+    configure(ServerConfig::builder().with_bind_default(0), identity, args)
+}
+
+fn configure(
+    builder: ServerConfigBuilder<states::WantsIdentity>,
+    identity: Identity,
+    args: &ServeArgs,
+) -> Result<ServerConfig> {
+    let mut config = builder
         .with_custom_transport(identity, transport_config(args)?)
         .build();
     // The endpoint buffers at most this many not-yet-accepted connection attempts.

@@ -35,6 +35,10 @@ counters! {
     /// Datagrams queued for a session but dropped by QUIC before sending (its datagram send
     /// buffer was full: the session could not keep up). Counted when the session ends.
     datagrams_dropped,
+    /// Certificates switched to while running (self-signed renewed, CA-issued reloaded).
+    cert_rotations,
+    /// Changed --cert/--key files that could not be loaded (the old pair kept serving).
+    cert_reload_failed,
     /// Ticks encoded and fanned out.
     ticks,
     /// WebTransport sessions accepted.

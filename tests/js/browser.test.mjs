@@ -387,3 +387,50 @@ test('subscriber token: ?token= goes live over WebTransport; without one the pag
     await stopServer(server);
   }
 });
+
+test('certificate renewal: the page trusts both published hashes and stays live through the switch', async () => {
+  // 12 s certificates: the next hash is published with 6 s left, the switch comes with 3 s left.
+  const server = await startServer({ extra: ['--cert-validity', '12s'] });
+  const { context, page, console } = await newPage();
+  const hashes = async () =>
+    (await (await fetch(`http://[::1]:${server.httpPort}/certificate.sha256`)).text()).trim().split('\n');
+  const waitFor = async (cond, what) => {
+    const deadline = Date.now() + WAIT_MS;
+    while (!(await cond())) {
+      if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}\n${server.log()}`);
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  };
+  try {
+    const first = await hashes();
+    assert.equal(first.length, 1);
+    await waitFor(async () => (await hashes()).length === 2, 'the next hash to be published');
+    const [current, next] = await hashes();
+    assert.equal(current, first[0]);
+
+    // A page opened now passes both hashes to WebTransport.
+    await page.goto(server.url);
+    await waitLive(page, 'webtransport', 1, console);
+    assert.equal((await fleetcast(page)).certificateHashes, 2);
+    const sessions = (await fleetcast(page)).sessions;
+
+    // The server switches to the next certificate: the open session goes on, no reconnect.
+    await waitFor(async () => {
+      const h = await hashes();
+      return h.length === 1 && h[0] === next;
+    }, 'the switch to the next certificate');
+    const before = (await fleetcast(page)).ticksReceived;
+    await page.waitForFunction((n) => window.fleetcast.ticksReceived > n + 2, before,
+      { timeout: WAIT_MS, polling: 100 });
+    const after = await fleetcast(page);
+    assert.equal(after.sessions, sessions, 'the session opened before the switch is still the one');
+    assert.equal(after.transport, 'webtransport');
+
+    // A page loaded after the switch trusts the new certificate and goes live over WebTransport.
+    await page.reload();
+    await waitLive(page, 'webtransport', 1, console);
+  } finally {
+    await context.close();
+    await stopServer(server);
+  }
+});
