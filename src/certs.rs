@@ -73,6 +73,8 @@ pub struct ServerIdentity {
     pub not_after: SystemTime,
     /// Where the certificate came from, for the start-up log.
     pub source: String,
+    /// The DNS names a CA-issued certificate covers (empty for the self-signed one).
+    pub dns_names: Vec<String>,
 }
 
 /// Loads the self-signed certificate from `dir` if it is still good for `names`, else makes and
@@ -161,13 +163,18 @@ pub fn store(dir: &Path, cert_pem: &str, key_pem: &str) -> Result<()> {
 /// Loads a CA-issued certificate chain and key.
 pub async fn from_files(cert: &Path, key: &Path) -> Result<ServerIdentity> {
     let pem = fs::read(cert).with_context(|| format!("reading {}", cert.display()))?;
-    let (not_after, _) = inspect(&pem)?;
+    let (not_after, names) = inspect(&pem)?;
     let identity = load_pair(cert, key).await?;
     Ok(ServerIdentity {
         identity,
         hash_hex: None,
         not_after,
         source: format!("loaded {}", cert.display()),
+        // IP addresses are names too in `inspect`; keep the DNS names.
+        dns_names: names
+            .into_iter()
+            .filter(|n| n.parse::<std::net::IpAddr>().is_err())
+            .collect(),
     })
 }
 
@@ -195,6 +202,23 @@ async fn load_pair(cert: &Path, key: &Path) -> Result<Identity> {
 /// Whether wtransport will accept this certificate chain and key: the same rustls check it
 /// runs when the endpoint starts, where a failure is a panic (`expect`) instead of an error.
 pub fn check_pair(identity: &Identity) -> std::result::Result<(), rustls::Error> {
+    tls_config(identity, &[&rustls::version::TLS13]).map(|_| ())
+}
+
+/// A TLS server configuration for `identity` (HTTPS on the HTTP port: TLS 1.2 and 1.3,
+/// HTTP/1.1).
+pub fn https_config(
+    identity: &Identity,
+) -> std::result::Result<rustls::ServerConfig, rustls::Error> {
+    let mut config = tls_config(identity, rustls::DEFAULT_VERSIONS)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+fn tls_config(
+    identity: &Identity,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> std::result::Result<rustls::ServerConfig, rustls::Error> {
     let chain = identity
         .certificate_chain()
         .as_slice()
@@ -205,19 +229,20 @@ pub fn check_pair(identity: &Identity) -> std::result::Result<(), rustls::Error>
         .map_err(|e| rustls::Error::General(format!("unreadable private key: {e}")))?
         .clone_key();
     rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_protocol_versions(versions)?
         .with_no_client_auth()
         .with_single_cert(chain, key)
-        .map(|_| ())
 }
 
 fn finish(identity: Identity, not_after: SystemTime, source: String) -> ServerIdentity {
+    let dns_names = Vec::new();
     let der = identity.certificate_chain().as_slice()[0].der().to_vec();
     ServerIdentity {
         identity,
         hash_hex: Some(sha256_hex(&der)),
         not_after,
         source,
+        dns_names,
     }
 }
 

@@ -41,7 +41,8 @@ pub struct ConnectArgs {
     pub cert_hash: Option<String>,
 
     /// Where to fetch the certificate hash; default `http://HOST:8080/certificate.sha256` for
-    /// the URL's host. A 404 there means a CA-issued certificate: the system roots are used.
+    /// the URL's host. A 404 there means a CA-issued certificate: the system roots are used;
+    /// `none` uses them without asking (a server whose HTTP side speaks HTTPS).
     #[arg(long, env = "FLEETCAST_CERT_HASH_URL")]
     pub cert_hash_url: Option<String>,
 
@@ -100,6 +101,9 @@ impl ConnectArgs {
     pub async fn trust(&self) -> Result<Trust> {
         if let Some(h) = &self.cert_hash {
             return Ok(Trust::Hashes(vec![parse_hash(h)?]));
+        }
+        if self.cert_hash_url.as_deref() == Some("none") {
+            return Ok(Trust::SystemRoots); // a CA-issued certificate, nothing to fetch
         }
         Ok(match fetch_cert_hashes(&self.hash_url()).await? {
             Some(hashes) => Trust::Hashes(hashes),

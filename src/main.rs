@@ -185,7 +185,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let server = Server::start(args).await?;
     let http_port = server.http_addr.port();
     let wt_port = server.wt_addr.port();
-    info!("web demo:     http://localhost:{http_port}/");
+    let scheme = if server.https() { "https" } else { "http" };
+    info!("web demo:     {scheme}://localhost:{http_port}/");
     info!("session URL:  https://localhost:{wt_port}{SESSION_PATH}");
     if server.tokens_required() {
         info!("subscriber tokens required: add ?token=... (fleetcast token --secret ...)");

@@ -92,19 +92,35 @@ pub(crate) async fn serve(
             let _ = stream.try_write(TOO_MANY_CONNECTIONS);
             continue;
         };
-        let io = TokioIo::new(CountedStream {
+        let stream = CountedStream {
             stream,
             _slot: slot,
             _open: OpenConnection::new(shared.clone()),
+        };
+        let (http, app, shared, token) = (http.clone(), app.clone(), shared.clone(), token.clone());
+        let tls = shared
+            .https
+            .as_ref()
+            .map(|t| t.read().expect("https lock poisoned").clone());
+        connections.spawn(async move {
+            match tls {
+                None => connection(http, app, TokioIo::new(stream), remote, shared, token).await,
+                Some(tls) => {
+                    // The TLS handshake is part of what the header timeout bounds.
+                    let limit = shared.args.http_header_timeout;
+                    match tokio::time::timeout(limit, tls.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            connection(http, app, TokioIo::new(stream), remote, shared, token).await
+                        }
+                        Ok(Err(e)) => debug!(%remote, "TLS handshake failed: {e}"),
+                        Err(_) => {
+                            Stats::inc(&shared.stats.http_header_timeouts);
+                            debug!(%remote, "no TLS handshake within --http-header-timeout");
+                        }
+                    }
+                }
+            }
         });
-        connections.spawn(connection(
-            http.clone(),
-            app.clone(),
-            io,
-            remote,
-            shared.clone(),
-            token.clone(),
-        ));
     }
     // New connections now wait in the backlog until the listener closes, then are refused.
     drop(listener);
@@ -162,14 +178,16 @@ fn router(shared: Arc<Shared>, token: CancellationToken, tasks: TaskTracker) -> 
 }
 
 /// Serves one connection until it closes, times out, or shutdown closes it.
-async fn connection(
+async fn connection<S>(
     http: hyper::server::conn::http1::Builder,
     app: Router,
-    io: TokioIo<CountedStream>,
+    io: TokioIo<S>,
     remote: SocketAddr,
     shared: Arc<Shared>,
     token: CancellationToken,
-) {
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let service = hyper::service::service_fn(move |mut request: axum::extract::Request<_>| {
         request.extensions_mut().insert(ConnectInfo(remote));
         tower::ServiceExt::oneshot(app.clone(), request)

@@ -111,6 +111,9 @@ pub(crate) struct Shared {
     /// SHA-256 of the self-signed certificates clients should trust, lowercase hex: the one in
     /// use, then the next one once it is published (empty for a CA-issued certificate).
     pub cert_hashes: std::sync::RwLock<Vec<String>>,
+    /// HTTPS on the HTTP port, with the CA-issued certificate (`--cert`/`--key`); `None`:
+    /// plain HTTP. Replaced when the certificate files are reloaded.
+    pub https: Option<std::sync::RwLock<tokio_rustls::TlsAcceptor>>,
     pub roads: Vec<Road>,
     /// UDP port of the WebTransport endpoint, for `/config.json`.
     pub wt_port: u16,
@@ -224,6 +227,12 @@ impl Server {
             humantime_utc(identity.not_after)
         );
 
+        // A CA-issued certificate serves the HTTP port too, so the page is a secure context
+        // anywhere (browsers open WebTransport only from one) and needs no certificate hash.
+        let https = match args.cert {
+            Some(_) => Some(std::sync::RwLock::new(tls_acceptor(&identity.identity)?)),
+            None => None,
+        };
         let socket = crate::udp::bind_udp(args.wt_listen, args.udp_buffer)?;
         let server_config = net::server_config(socket, identity.identity, &args)?;
         let endpoint = Arc::new(Endpoint::server(server_config).context("starting QUIC endpoint")?);
@@ -255,7 +264,13 @@ impl Server {
         let (latest_tx, latest_rx) = watch::channel(Arc::new(first));
         let (roster_events, _) = broadcast::channel(ROSTER_EVENT_BACKLOG);
 
-        let allowed_origins = config::allowed_origins(&args.allow_origin, http_addr.port());
+        let mut allowed_origins = config::allowed_origins(&args.allow_origin, http_addr.port());
+        if https.is_some() {
+            // The server's own page on each name its certificate covers.
+            allowed_origins.extend(identity.dns_names.iter().map(|name| {
+                config::normalise_origin(&format!("https://{name}:{}", http_addr.port()))
+            }));
+        }
         let shared = Arc::new(Shared {
             area,
             fleet: Mutex::new(fleet),
@@ -270,6 +285,7 @@ impl Server {
             next_session: AtomicU64::new(1),
             allowed_origins,
             cert_hashes: std::sync::RwLock::new(identity.hash_hex.iter().cloned().collect()),
+            https,
             roads,
             wt_port: wt_addr.port(),
             ticks: watch::Sender::new(Arc::new(EncodedTick::default())),
@@ -377,6 +393,11 @@ impl Server {
             .clone()
     }
 
+    /// Whether the HTTP port speaks HTTPS (with `--cert`/`--key`).
+    pub fn https(&self) -> bool {
+        self.shared.https.is_some()
+    }
+
     /// Sessions open right now.
     pub fn sessions(&self) -> usize {
         self.shared.sessions.load(Ordering::Relaxed)
@@ -407,6 +428,12 @@ impl Server {
     pub fn danger_panic_tick_loop(&self) {
         self.shared.tick_panic.store(true, Ordering::Relaxed);
     }
+}
+
+/// The HTTPS acceptor for a certificate.
+pub(crate) fn tls_acceptor(identity: &wtransport::Identity) -> Result<tokio_rustls::TlsAcceptor> {
+    let config = certs::https_config(identity).context("HTTPS configuration")?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 /// Wall-clock microseconds since the Unix epoch.

@@ -1,5 +1,6 @@
 //! Certificates that change while the server runs: the self-signed one is renewed before it
-//! expires, a CA-issued one is reloaded when its files change or on SIGHUP.
+//! expires, a CA-issued one is reloaded when its files change or on SIGHUP (for WebTransport
+//! and for HTTPS on the HTTP port alike).
 //!
 //! Open sessions keep the certificate they were made with; only new connections see the new
 //! one. For the self-signed certificate the next hash is published (`/certificate.sha256` lists
@@ -38,7 +39,14 @@ pub(crate) async fn run(
 /// Makes the endpoint serve `identity` to new connections.
 fn install(shared: &Shared, endpoint: &ServerEndpoint, identity: &ServerIdentity) -> Result<()> {
     let config = net::reload_config(identity.identity.clone_identity(), &shared.args)?;
+    let https = match &shared.https {
+        Some(_) => Some(super::tls_acceptor(&identity.identity)?),
+        None => None,
+    };
     endpoint.reload_config(config, false)?;
+    if let (Some(slot), Some(acceptor)) = (&shared.https, https) {
+        *slot.write().expect("https lock poisoned") = acceptor;
+    }
     Ok(())
 }
 

@@ -102,7 +102,9 @@ pub fn serve_with(
             "certificate regenerated: {line}"
         );
         wt = wt.or_else(|| port_after(&line, "session URL:  https://localhost:"));
-        http = http.or_else(|| port_after(&line, "web demo:     http://localhost:"));
+        http = http
+            .or_else(|| port_after(&line, "web demo:     http://localhost:"))
+            .or_else(|| port_after(&line, "web demo:     https://localhost:"));
     }
     // Keep draining the log so the server never blocks on a full pipe.
     std::thread::spawn({

@@ -50,7 +50,7 @@ function startServer({ httpPort = 0, wtPort = 0, extra = [] } = {}) {
     const timer = setTimeout(() => reject(new Error(`server did not start:\n${log}`)), WAIT_MS);
     child.stderr.on('data', (chunk) => {
       log += chunk.toString().replace(/\x1b\[[0-9;]*m/g, '');
-      const http = log.match(/web demo:\s+http:\/\/localhost:(\d+)\//);
+      const http = log.match(/web demo:\s+https?:\/\/localhost:(\d+)\//);
       const wt = log.match(/session URL:\s+https:\/\/localhost:(\d+)\//);
       if (http && wt) {
         clearTimeout(timer);

@@ -1,0 +1,146 @@
+//! With a CA-issued certificate (`--cert`/`--key`) the HTTP port speaks HTTPS with the same
+//! certificate, so the page is a secure context anywhere and browsers open WebTransport to it
+//! without a certificate hash.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use common::TestServer;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::rustls;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A CA, and a certificate it issued for `names` with its key (PEM); the CA as a root store.
+fn ca_issued(names: &[&str]) -> (String, String, rustls::RootCertStore) {
+    let now = SystemTime::now();
+    let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "fleetcast test CA");
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut leaf =
+        rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+            .unwrap();
+    leaf.not_before = time::OffsetDateTime::from(now - Duration::from_secs(60));
+    leaf.not_after = time::OffsetDateTime::from(now + Duration::from_secs(3 * 86_400));
+    let cert = leaf.signed_by(&key, &issuer).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca_cert.der().clone()).unwrap();
+    (cert.pem(), key.serialize_pem(), roots)
+}
+
+/// Sends one HTTP/1.1 request over TLS (SNI `localhost`) and returns the whole response.
+async fn https_get(ts: &TestServer, roots: &rustls::RootCertStore, request: &str) -> String {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots.clone())
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = TcpStream::connect(ts.server.http_addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await.expect("TLS handshake");
+    tls.write_all(request.as_bytes()).await.unwrap();
+    // The head of the answer is enough (an upgraded connection stays open after it).
+    let mut response = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !response.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(WAIT, tls.read(&mut buf))
+            .await
+            .expect("answered")
+            .unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        response.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+#[tokio::test]
+async fn a_ca_certificate_serves_https_on_the_http_port() {
+    let (cert, key, roots) = ca_issued(&["localhost", "fleet.test"]);
+    let dir = tempfile::tempdir().unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert).unwrap();
+    std::fs::write(&key_path, key).unwrap();
+    let ts = TestServer::start(|a| {
+        a.cert = Some(cert_path.clone());
+        a.key = Some(key_path.clone());
+    })
+    .await;
+    assert!(ts.server.https());
+
+    let health = https_get(
+        &ts,
+        &roots,
+        "GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    let hash = https_get(
+        &ts,
+        &roots,
+        "GET /certificate.sha256 HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        hash.starts_with("HTTP/1.1 404"),
+        "a CA certificate needs no hash: {hash}"
+    );
+
+    // The page's own origin on a name the certificate covers may open the WebSocket fallback.
+    let upgrade = |origin: &str| {
+        format!(
+            "GET /positions.ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nOrigin: {origin}\r\n\r\n"
+        )
+    };
+    let port = ts.server.http_addr.port();
+    let own = https_get(&ts, &roots, &upgrade(&format!("https://fleet.test:{port}"))).await;
+    assert!(own.starts_with("HTTP/1.1 101"), "{own}");
+    let other = https_get(&ts, &roots, &upgrade("https://evil.example")).await;
+    assert!(other.starts_with("HTTP/1.1 403"), "{other}");
+
+    // Plain HTTP to the HTTPS port gets no HTTP answer.
+    let mut tcp = TcpStream::connect(ts.server.http_addr).await.unwrap();
+    tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(WAIT, tcp.read_to_end(&mut buf)).await;
+    assert!(!String::from_utf8_lossy(&buf).contains("200 OK"));
+}
+
+#[tokio::test]
+async fn a_client_that_never_finishes_the_tls_handshake_is_cut_off() {
+    let (cert, key, _) = ca_issued(&["localhost"]);
+    let dir = tempfile::tempdir().unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert).unwrap();
+    std::fs::write(&key_path, key).unwrap();
+    let ts = TestServer::start(|a| {
+        a.cert = Some(cert_path.clone());
+        a.key = Some(key_path.clone());
+        a.http_header_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let mut tcp = TcpStream::connect(ts.server.http_addr).await.unwrap();
+    tcp.write_all(&[0x16, 0x03, 0x01]).await.unwrap(); // the start of a ClientHello, no more
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(WAIT, tcp.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "the server closed the stalled handshake: {closed:?}"
+    );
+    assert_eq!(ts.counter("http_header_timeouts"), 1);
+}
