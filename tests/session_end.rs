@@ -32,9 +32,19 @@ struct RawSession {
     _control: quinn::SendStream,
 }
 
-/// Opens a session with the SETTINGS a browser sends and waits until the server runs it (its
-/// first datagram arrived).
-async fn open_raw(ts: &TestServer) -> (quinn::Endpoint, RawSession) {
+/// The client's half of a raw HTTP/3 connection with a CONNECT request sent.
+struct Sent {
+    endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    connect: quinn::SendStream,
+    response: quinn::RecvStream,
+    control: quinn::SendStream,
+}
+
+/// Opens a QUIC connection, sends SETTINGS (with SETTINGS_H3_DATAGRAM when `h3_datagrams`, as
+/// browsers do) on a control stream and the CONNECT request for the session path on a
+/// bidirectional stream, without waiting for the server's SETTINGS or its answer.
+async fn send_connect(ts: &TestServer, h3_datagrams: bool) -> Sent {
     let hash = ts.server.cert_hash.as_deref().expect("self-signed");
     let config = ClientConfig::builder()
         .with_bind_default()
@@ -46,16 +56,16 @@ async fn open_raw(ts: &TestServer) -> (quinn::Endpoint, RawSession) {
         .unwrap()
         .await
         .expect("QUIC handshake");
-
-    // Control stream (type 0x00) with SETTINGS, then the CONNECT request on a bidirectional
-    // stream, without waiting for the server's SETTINGS.
-    let settings = Settings::builder()
+    let builder = Settings::builder()
         .qpack_max_table_capacity(VarInt::from_u32(0))
         .qpack_blocked_streams(VarInt::from_u32(0))
         .enable_webtransport()
-        .enable_h3_datagrams()
-        .webtransport_max_sessions(VarInt::from_u32(1))
-        .build();
+        .webtransport_max_sessions(VarInt::from_u32(1));
+    let settings = if h3_datagrams {
+        builder.enable_h3_datagrams().build()
+    } else {
+        builder.build()
+    };
     let mut control = conn.open_uni().await.unwrap();
     let mut bytes = vec![0x00];
     settings.generate_frame().write(&mut bytes).unwrap();
@@ -63,7 +73,7 @@ async fn open_raw(ts: &TestServer) -> (quinn::Endpoint, RawSession) {
 
     let url = format!("https://localhost:{}/positions", ts.server.wt_addr.port());
     let request = SessionRequest::new(url).unwrap();
-    let (mut connect, mut response) = conn.open_bi().await.unwrap();
+    let (mut connect, response) = conn.open_bi().await.unwrap();
     let mut bytes = Vec::new();
     request
         .headers()
@@ -71,7 +81,25 @@ async fn open_raw(ts: &TestServer) -> (quinn::Endpoint, RawSession) {
         .write(&mut bytes)
         .unwrap();
     connect.write_all(&bytes).await.unwrap();
+    Sent {
+        endpoint,
+        conn,
+        connect,
+        response,
+        control,
+    }
+}
 
+/// Opens a session with the SETTINGS a browser sends and waits until the server runs it (its
+/// first datagram arrived).
+async fn open_raw(ts: &TestServer) -> (quinn::Endpoint, RawSession) {
+    let Sent {
+        endpoint,
+        conn,
+        connect,
+        mut response,
+        control,
+    } = send_connect(ts, true).await;
     let mut buf = Vec::new();
     let headers = loop {
         let mut reader: &[u8] = &buf;
@@ -157,6 +185,38 @@ async fn client_close_capsule_gets_close_code_zero() {
     assert_eq!(reason, "the client ended the session");
     // The other sessions and the server carry on.
     assert_eq!(ts.healthz().await["status"], "ok");
+}
+
+#[tokio::test]
+async fn a_client_without_h3_datagrams_in_its_settings_gets_no_session_and_no_datagram() {
+    // RFC 9297 §2.1.1: datagrams go only to a peer that announced SETTINGS_H3_DATAGRAM = 1,
+    // and a WebTransport session needs them. The server closes such a connection with
+    // H3_SETTINGS_ERROR (0x109) instead of opening a session and sending it ticks.
+    let ts = TestServer::start(|_| {}).await;
+    let sent = send_connect(&ts, false).await;
+    let (code, reason) = server_close(&sent.conn).await;
+    assert_eq!(code, 0x109, "{reason}");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1), sent.conn.read_datagram())
+            .await
+            .map_or(true, |d| d.is_err()),
+        "no datagram"
+    );
+    assert_eq!(ts.counter("sessions_accepted"), 0);
+    drop(sent.endpoint);
+}
+
+#[tokio::test]
+async fn client_close_capsule_without_fin_ends_the_session_too() {
+    // The capsule ends the session; a FIN may follow later or never. A server that waits for
+    // the FIN would keep sending datagrams meanwhile.
+    let ts = TestServer::start(|_| {}).await;
+    let (_endpoint, mut session) = open_raw(&ts).await;
+    let capsule = close_capsule(0, "");
+    session.connect.write_all(&capsule).await.unwrap();
+    let (code, reason) = server_close(&session.conn).await;
+    assert_eq!(code, 0, "{reason}");
+    assert_eq!(reason, "the client ended the session");
 }
 
 #[tokio::test]

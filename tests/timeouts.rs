@@ -97,10 +97,19 @@ async fn a_client_that_sends_settings_but_never_connect_is_closed_at_the_handsha
     let ts = TestServer::start(|a| a.handshake_timeout = Duration::from_secs(1)).await;
     let endpoint = raw_quic_endpoint(&ts, Some(Duration::from_millis(200)));
     let conn = raw_connect(&endpoint, &ts).await;
-    // An HTTP/3 control stream with an empty SETTINGS frame, as a client starts: the server
-    // then waits for the CONNECT request that never comes.
+    // An HTTP/3 control stream with a browser's SETTINGS, as a client starts: the server then
+    // waits for the CONNECT request that never comes.
+    let mut bytes = vec![0x00]; // control stream type
+    wtransport_proto::settings::Settings::builder()
+        .enable_webtransport()
+        .enable_h3_datagrams()
+        .enable_connect_protocol()
+        .build()
+        .generate_frame()
+        .write(&mut bytes)
+        .unwrap();
     let mut control = conn.open_uni().await.unwrap();
-    control.write_all(&[0x00, 0x04, 0x00]).await.unwrap();
+    control.write_all(&bytes).await.unwrap();
     let (reason, after) = closed_within(&conn, Duration::from_secs(5)).await;
     assert!(
         after >= Duration::from_millis(800),

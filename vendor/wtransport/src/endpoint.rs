@@ -624,11 +624,22 @@ impl IncomingSessionFuture {
     async fn accept(quic_connection: quinn::Connection) -> Result<SessionRequest, ConnectionError> {
         let driver = Driver::init(quic_connection.clone());
 
-        let _settings = driver.accept_settings().await.map_err(|driver_error| {
+        let settings = driver.accept_settings().await.map_err(|driver_error| {
             ConnectionError::with_driver_error(driver_error, &quic_connection)
         })?;
 
-        // TODO(biagio): validate settings
+        // fleetcast patch: a WebTransport session needs HTTP/3 datagrams, and they may be sent
+        // only to a peer that announced SETTINGS_H3_DATAGRAM = 1 (RFC 9297 section 2.1.1).
+        let h3_datagrams = settings
+            .get(wtransport_proto::settings::SettingId::H3Datagram)
+            .map(|v| v.into_inner());
+        if h3_datagrams != Some(1) {
+            quic_connection.close(
+                varint_w2q(ErrorCode::Settings.to_code()),
+                b"SETTINGS_H3_DATAGRAM = 1 is required for WebTransport",
+            );
+            return Err(ConnectionError::local_h3_error(ErrorCode::Settings));
+        }
 
         let stream_session = driver.accept_session().await.map_err(|driver_error| {
             ConnectionError::with_driver_error(driver_error, &quic_connection)
