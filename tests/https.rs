@@ -36,6 +36,26 @@ fn ca_issued(names: &[&str]) -> (String, String, rustls::RootCertStore) {
     (cert.pem(), key.serialize_pem(), roots)
 }
 
+/// A server with a CA-issued certificate for `names` (files in the returned directory), and
+/// the CA as a root store.
+async fn https_server(
+    names: &[&str],
+    tweak: impl FnOnce(&mut fleetcast::server::ServeArgs),
+) -> (TestServer, rustls::RootCertStore, tempfile::TempDir) {
+    let (cert, key, roots) = ca_issued(names);
+    let dir = tempfile::tempdir().unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert).unwrap();
+    std::fs::write(&key_path, key).unwrap();
+    let ts = TestServer::start(|a| {
+        a.cert = Some(cert_path);
+        a.key = Some(key_path);
+        tweak(a);
+    })
+    .await;
+    (ts, roots, dir)
+}
+
 /// Sends one HTTP/1.1 request over TLS (SNI `localhost`) and returns the whole response.
 async fn https_get(ts: &TestServer, roots: &rustls::RootCertStore, request: &str) -> String {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -67,16 +87,7 @@ async fn https_get(ts: &TestServer, roots: &rustls::RootCertStore, request: &str
 
 #[tokio::test]
 async fn a_ca_certificate_serves_https_on_the_http_port() {
-    let (cert, key, roots) = ca_issued(&["localhost", "fleet.test"]);
-    let dir = tempfile::tempdir().unwrap();
-    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    std::fs::write(&cert_path, cert).unwrap();
-    std::fs::write(&key_path, key).unwrap();
-    let ts = TestServer::start(|a| {
-        a.cert = Some(cert_path.clone());
-        a.key = Some(key_path.clone());
-    })
-    .await;
+    let (ts, roots, _files) = https_server(&["localhost", "fleet.test"], |_| {}).await;
     assert!(ts.server.https());
 
     let health = https_get(
@@ -123,14 +134,7 @@ async fn a_ca_certificate_serves_https_on_the_http_port() {
 
 #[tokio::test]
 async fn a_client_that_never_finishes_the_tls_handshake_is_cut_off() {
-    let (cert, key, _) = ca_issued(&["localhost"]);
-    let dir = tempfile::tempdir().unwrap();
-    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    std::fs::write(&cert_path, cert).unwrap();
-    std::fs::write(&key_path, key).unwrap();
-    let ts = TestServer::start(|a| {
-        a.cert = Some(cert_path.clone());
-        a.key = Some(key_path.clone());
+    let (ts, _, _files) = https_server(&["localhost"], |a| {
         a.http_header_timeout = Duration::from_millis(500);
     })
     .await;
