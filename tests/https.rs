@@ -14,8 +14,9 @@ use tokio_rustls::rustls;
 
 const WAIT: Duration = Duration::from_secs(10);
 
-/// A CA, and a certificate it issued for `names` with its key (PEM); the CA as a root store.
-fn ca_issued(names: &[&str]) -> (String, String, rustls::RootCertStore) {
+/// A CA, and a certificate it issued for `names` with its key (PEM); the CA as a root store
+/// and as PEM.
+fn ca_issued(names: &[&str]) -> (String, String, rustls::RootCertStore, String) {
     let now = SystemTime::now();
     let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -33,20 +34,21 @@ fn ca_issued(names: &[&str]) -> (String, String, rustls::RootCertStore) {
     let cert = leaf.signed_by(&key, &issuer).unwrap();
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca_cert.der().clone()).unwrap();
-    (cert.pem(), key.serialize_pem(), roots)
+    (cert.pem(), key.serialize_pem(), roots, ca_cert.pem())
 }
 
-/// A server with a CA-issued certificate for `names` (files in the returned directory), and
-/// the CA as a root store.
+/// A server with a CA-issued certificate for `names` (files in the returned directory, the
+/// CA's as `ca.pem`), and the CA as a root store.
 async fn https_server(
     names: &[&str],
     tweak: impl FnOnce(&mut fleetcast::server::ServeArgs),
 ) -> (TestServer, rustls::RootCertStore, tempfile::TempDir) {
-    let (cert, key, roots) = ca_issued(names);
+    let (cert, key, roots, ca) = ca_issued(names);
     let dir = tempfile::tempdir().unwrap();
     let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
     std::fs::write(&cert_path, cert).unwrap();
     std::fs::write(&key_path, key).unwrap();
+    std::fs::write(dir.path().join("ca.pem"), ca).unwrap();
     let ts = TestServer::start(|a| {
         a.cert = Some(cert_path);
         a.key = Some(key_path);
@@ -147,4 +149,38 @@ async fn a_client_that_never_finishes_the_tls_handshake_is_cut_off() {
         "the server closed the stalled handshake: {closed:?}"
     );
     assert_eq!(ts.counter("http_header_timeouts"), 1);
+}
+
+#[tokio::test]
+async fn fleetcast_publish_sends_fixes_over_https() {
+    const TOKEN: &str = "https-publisher-token-0123";
+    let (ts, _, files) = https_server(&["localhost"], |a| {
+        a.feed = vec![fleetcast::server::config::Feed::Ingest];
+        a.ingest.publish_token = vec![fleetcast::server::config::PublishToken::new(TOKEN)];
+    })
+    .await;
+    let fixes = files.path().join("fixes.ndjson");
+    std::fs::write(
+        &fixes,
+        "{\"id\": \"t1\", \"lat\": 52.36, \"lon\": 4.87}\n{\"id\": \"t2\", \"lat\": 52.361, \"lon\": 4.871}\n",
+    )
+    .unwrap();
+    let url = format!("https://localhost:{}", ts.server.http_addr.port());
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_fleetcast"))
+        .args(["publish", "--json", "--url", &url])
+        .arg(&fixes)
+        .env("FLEETCAST_PUBLISH_TOKEN", TOKEN)
+        // The test CA, as an operator's private CA would be trusted: rustls-native-certs reads it.
+        .env("SSL_CERT_FILE", files.path().join("ca.pem"))
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["accepted"], 2, "{summary}");
+    assert_eq!(ts.counter("ingest_fixes_accepted"), 2);
 }

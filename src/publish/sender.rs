@@ -41,7 +41,8 @@ pub struct Sender {
 }
 
 impl Sender {
-    /// A sender for the server at `url` (`http://HOST:PORT`, optionally ending in
+    /// A sender for the server at `url` (`http://HOST:PORT`, or `https://` for a server with a
+    /// CA certificate, verified against the system roots; optionally ending in
     /// `/v1/positions`), each request answered within `timeout`.
     pub fn new(url: &str, token: PublishToken, timeout: Duration) -> Result<Sender, SenderError> {
         let bad = |why: String| SenderError::Url {
@@ -51,10 +52,10 @@ impl Sender {
         let trimmed = url.trim().trim_end_matches('/');
         let trimmed = trimmed.strip_suffix(POSITIONS_PATH).unwrap_or(trimmed);
         let base = Url::parse(&format!("{trimmed}/")).map_err(|e| bad(e.to_string()))?;
-        if base.scheme() != "http" {
+        if base.scheme() != "http" && base.scheme() != "https" {
             return Err(bad(format!(
-                "{}:// is not supported: ingest is on the server's plain HTTP port \
-                 (http://HOST:8080)",
+                "{}:// is not supported: use the server's HTTP port, http://HOST:8080 (or \
+                 https:// for a server with a CA certificate)",
                 base.scheme()
             )));
         }
@@ -171,10 +172,13 @@ mod tests {
                 "http://127.0.0.1:8080/v1/positions"
             );
         }
-        let e = Sender::new("https://example.com", token(), t)
-            .err()
-            .unwrap();
-        assert!(e.to_string().contains("plain HTTP port"), "{e}");
+        let s = Sender::new("https://fleet.example/", token(), t).unwrap();
+        assert_eq!(
+            s.positions_url().as_str(),
+            "https://fleet.example/v1/positions"
+        );
+        let e = Sender::new("ftp://example.com", token(), t).err().unwrap();
+        assert!(e.to_string().contains("is not supported"), "{e}");
         assert!(Sender::new("not a url", token(), t).is_err());
     }
 
