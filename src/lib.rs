@@ -9,6 +9,7 @@
 //!   quantisation, packing, apply logic) and [`token`], the subscriber tokens (HS256 JWTs).
 //! - [`sim`]: the built-in simulated fleet (pure, stepped by the caller).
 //! - [`fleet`]: the fleet state, where position sources meet the tick loop (pure).
+//! - [`backoff`]: the reconnect schedule (full jitter over a growing window), pure.
 //! - [`certs`]: self-signed or CA-issued TLS identities.
 //! - [`mint`]: `fleetcast token`, which prints a subscriber token.
 //! - [`server`]: `fleetcast serve`, the async shell around the core.
@@ -19,6 +20,7 @@
 //!   into a server's position ingest.
 //! - [`udp`]: UDP sockets with large kernel buffers.
 
+pub mod backoff;
 pub mod certs;
 pub mod client;
 pub mod fleet;
