@@ -34,10 +34,10 @@ pub struct Backoff {
 }
 
 impl Backoff {
-    /// The page's schedule (`web-demo/backoff.js`): full jitter over 1 s, doubling to 16 s.
+    /// The page's schedule (`web-demo/backoff.js`): full jitter over 1 s, doubling to 8 s.
     pub const PAGE: Backoff = Backoff {
         base: Duration::from_secs(1),
-        cap: Duration::from_secs(16),
+        cap: Duration::from_secs(8),
         jitter: Jitter::Full,
     };
 
@@ -80,16 +80,16 @@ mod tests {
                 MS(2000),
                 MS(4000),
                 MS(8000),
-                MS(16000),
-                MS(16000),
-                MS(16000)
+                MS(8000),
+                MS(8000),
+                MS(8000)
             ]
         );
     }
 
     #[test]
     fn window_huge_attempt_stays_at_the_cap() {
-        assert_eq!(Backoff::PAGE.window(u32::MAX), MS(16000));
+        assert_eq!(Backoff::PAGE.window(u32::MAX), MS(8000));
         let b = Backoff {
             base: Duration::from_secs(u64::MAX / 2),
             cap: Duration::MAX,

@@ -110,7 +110,7 @@ pub struct SwarmArgs {
     pub reconnect_base: Duration,
 
     /// Largest reconnect window.
-    #[arg(long, default_value = "16s", value_parser = parse_duration)]
+    #[arg(long, default_value = "8s", value_parser = parse_duration)]
     pub reconnect_cap: Duration,
 
     /// How the wait is drawn from the window: `full` (anywhere in it: the web demo's schedule)

@@ -32,7 +32,7 @@ fn args_for(server: &Server, transport: Transport, sessions: usize) -> SwarmArgs
         metrics_url: Some(format!("http://{}/metrics", server.http_addr)),
         reconnect: false,
         reconnect_base: Duration::from_secs(1),
-        reconnect_cap: Duration::from_secs(16),
+        reconnect_cap: Duration::from_secs(8),
         reconnect_jitter: fleetcast::backoff::Jitter::Full,
         attempt_timeout: Duration::from_secs(5),
         churn_per_s: 0.0,

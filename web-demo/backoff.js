@@ -12,7 +12,7 @@
 /** Window of the first attempt after a session that worked, milliseconds. */
 export const BACKOFF_BASE_MS = 1000;
 /** Largest window, milliseconds. */
-export const BACKOFF_CAP_MS = 16000;
+export const BACKOFF_CAP_MS = 8000;
 
 /** The window for `attempt` (0 after a session that worked, +1 per failure since), in ms. */
 export function retryWindowMs(attempt, baseMs = BACKOFF_BASE_MS, capMs = BACKOFF_CAP_MS) {
