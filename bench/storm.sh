@@ -17,13 +17,15 @@
 #   bench/results/storm.md                       the table (bench/storm_report.py)
 #
 #   bench/storm.sh                          10,000 sessions, the three above (~4 minutes)
-#   STORM_SESSIONS=1000 bench/storm.sh      smaller
+#   STORM_SESSIONS=3000 STORM_TAG=-3k bench/storm.sh   smaller, into storm-3k-*.{csv,...} and
+#                                           bench/results/storm-3k.md
 #
 # Loopback only, bounded: the swarm stops after its window, the servers on SIGTERM (EXIT trap).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SESSIONS=${STORM_SESSIONS:-10000}
+TAG=${STORM_TAG:-}
 SCHEDULES=${STORM_SCHEDULES:-equal:500ms:10s full:1s:8s full:1s:8s:1024}
 WINDOW=${STORM_WINDOW:-45s}
 # Extra `fleetcast serve` options for every server, e.g. STORM_SERVE_ARGS='--tick-ms 500'.
@@ -75,7 +77,7 @@ for schedule in $SCHEDULES; do
   backoff=(--reconnect-jitter "$jitter" --reconnect-base "$base" --reconnect-cap "$cap")
   SERVE_ARGS=("${EXTRA_SERVE_ARGS[@]}")
   [ -n "$handshakes" ] && SERVE_ARGS+=(--max-handshakes "$handshakes")
-  name=storm-$jitter-$base-$cap${handshakes:+-mh$handshakes}
+  name=storm$TAG-$jitter-$base-$cap${handshakes:+-mh$handshakes}
   echo "== $name: $SESSIONS sessions, ${backoff[*]} ${SERVE_ARGS[*]}"
   : >"$RAW/$name.server.log"
   start_server "$RAW/$name.server.log"
@@ -112,4 +114,4 @@ for schedule in $SCHEDULES; do
   IFS=: read -r jitter base cap handshakes <<<"$schedule"
   names+=("$jitter-$base-$cap${handshakes:+-mh$handshakes}")
 done
-python3 bench/storm_report.py "$RAW" "$OUT/storm.md" "${names[@]}"
+python3 bench/storm_report.py "$RAW" "$OUT/storm$TAG.md" "${names[@]}" --tag "$TAG"

@@ -1,6 +1,6 @@
 """Summarises bench/storm.sh's runs into a Markdown table.
 
-usage: python3 bench/storm_report.py RAW_DIR OUT.md SCHEDULE...
+usage: python3 bench/storm_report.py RAW_DIR OUT.md SCHEDULE... [--tag TAG]
 
 For each schedule: the restart (SIGTERM to the new server answering), recovery (from SIGTERM and
 from the swarm's first loss until every session was back), the handshake rate the server saw
@@ -14,6 +14,11 @@ import sys
 from pathlib import Path
 
 raw, out_md, schedules = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
+tag = ""
+if "--tag" in schedules:
+    i = schedules.index("--tag")
+    tag = schedules[i + 1] if i + 1 < len(schedules) else ""
+    schedules = schedules[:i] + schedules[i + 2:]
 
 
 def describe(name):
@@ -40,7 +45,7 @@ lines = [
     "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
 ]
 for s in schedules:
-    name = f"storm-{s}"
+    name = f"storm{tag}-{s}"
     try:
         swarm = json.loads((raw / f"{name}.swarm.json").read_text())
     except (OSError, json.JSONDecodeError):
