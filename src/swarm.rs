@@ -961,8 +961,9 @@ async fn session(
 ) {
     let mut record = Record::default();
     let mut life = Life {
+        // Only the connect phase hands out permits; the churn opens sessions without one.
+        churned_in: permit.is_none(),
         permit,
-        churned_in: !stop.is_cancelled() && run.window.start_us.load(Ordering::Relaxed) != 0,
         ever: false,
         down_since: None,
     };
