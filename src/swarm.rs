@@ -814,8 +814,9 @@ async fn churn(
     }
 }
 
-/// Samples, every 100 ms from one second into the window, how old each session's newest
-/// position was: the sample time minus the server time of the newest tick received by then.
+/// Samples, every 100 ms from one second into the window (or into the session's life, if it
+/// opened later) until the window or the session ends, how old each session's newest position
+/// was: the sample time minus the server time of the newest tick received by then.
 fn position_age(records: &[Record], start_us: u64, end_us: u64) -> SwarmLatency {
     const STEP_US: u64 = 100_000;
     let mut hist = LatencyHistogram::default();
@@ -830,7 +831,9 @@ fn position_age(records: &[Record], start_us: u64, end_us: u64) -> SwarmLatency 
         arrivals.sort_unstable();
         let mut newest = None::<u64>;
         let mut next = 0;
-        let mut t = start_us + 1_000_000;
+        // Only while the session was open (the churn opens and closes sessions in the window).
+        let mut t = (start_us + 1_000_000).max(r.from_us.saturating_add(1_000_000));
+        let end_us = end_us.min(r.to_us);
         while t < end_us {
             while next < arrivals.len() && arrivals[next].0 <= t {
                 newest = Some(newest.map_or(arrivals[next].1, |n: u64| n.max(arrivals[next].1)));
@@ -1387,6 +1390,17 @@ mod tests {
         assert_eq!(r.sessions_lost, 1);
         assert_eq!(r.ticks_missed, 2);
         assert!((r.delivery_ratio - 0.75).abs() < 1e-9);
+    }
+
+    #[test]
+    fn position_age_samples_a_churned_session_only_while_it_was_open() {
+        // Ticks every second, each received 100 ms late; closed by the churn at 5 s.
+        let mut r = record(0, Some(5), &[1, 2, 3, 4]);
+        r.latency_us = vec![100_000; 4];
+        let age = position_age(&[r], 0, 60_000_000);
+        // At most a tick interval old (histogram precision aside), never the minute after.
+        assert!(age.max <= 1_001.0, "no sample after it closed: {age:?}");
+        assert!(age.p50 >= 100.0, "{age:?}");
     }
 
     #[test]
