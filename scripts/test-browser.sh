@@ -32,8 +32,8 @@ TARGET_DIR="$(cargo metadata --format-version 1 --no-deps | node -e 'let s="";pr
 export FLEETCAST_BIN="$TARGET_DIR/debug/fleetcast"
 export CHROMIUM
 
-echo "== JS wire decoder against the golden vectors"
-node --test tests/js/wire.test.mjs </dev/null
+echo "== JS wire decoder against the golden vectors, and the page's reconnect schedule"
+node --test tests/js/wire.test.mjs tests/js/backoff.test.mjs </dev/null
 
 echo "== real-browser tests (Chromium $("$CHROMIUM" --version 2>/dev/null | head -n1 | awk '{print $2}'))"
 node --test --test-concurrency=1 tests/js/browser.test.mjs </dev/null

@@ -9,6 +9,7 @@
 //!   quantisation, packing, apply logic) and [`token`], the subscriber tokens (HS256 JWTs).
 //! - [`sim`]: the built-in simulated fleet (pure, stepped by the caller).
 //! - [`fleet`]: the fleet state, where position sources meet the tick loop (pure).
+//! - [`backoff`]: the reconnect schedule (full jitter over a growing window), pure.
 //! - [`certs`]: self-signed or CA-issued TLS identities.
 //! - [`fdlimit`]: the open-files limit, raised at start-up.
 //! - [`mint`]: `fleetcast token`, which prints a subscriber token.
@@ -20,6 +21,7 @@
 //!   into a server's position ingest.
 //! - [`udp`]: UDP sockets with large kernel buffers.
 
+pub mod backoff;
 pub mod certs;
 pub mod client;
 pub mod fdlimit;

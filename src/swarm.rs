@@ -7,6 +7,12 @@
 //! records the ticks whose server time falls in that window, and the report compares what
 //! arrived with what the server sent: every connected session should get every part of every
 //! tick.
+//!
+//! Two more modes for long runs (issue 8): `--reconnect` opens a lost session again after a
+//! jittered backoff (the web demo's schedule, [`crate::backoff`]) and reports how long it took
+//! until every session was back; `--churn-per-s N` closes the oldest N sessions a second through
+//! the window and opens as many new ones. Sessions that do not connect are counted by reason
+//! ([`ConnectFailure`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::IsTerminal;
@@ -21,10 +27,11 @@ use serde::Serialize;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use wtransport::endpoint::endpoint_side;
 use wtransport::Endpoint;
 
+use crate::backoff::{Backoff, Jitter};
 use crate::client::{self, ClientOptions, ConnectArgs, Event, Trust};
 use crate::proto::wire::{
     FrameDecoder, StreamMessage, TickHeader, WS_CHANNEL_DATAGRAM, WS_CHANNEL_STREAM,
@@ -93,6 +100,34 @@ pub struct SwarmArgs {
     #[arg(long, env = "FLEETCAST_METRICS_URL")]
     pub metrics_url: Option<String>,
 
+    /// Open a session again when it is lost (the server went away or closed it), after a
+    /// backoff with jitter like the web demo's; the report says when all were back.
+    #[arg(long)]
+    pub reconnect: bool,
+
+    /// First reconnect window after a lost session; it doubles with every failed attempt.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub reconnect_base: Duration,
+
+    /// Largest reconnect window.
+    #[arg(long, default_value = "8s", value_parser = parse_duration)]
+    pub reconnect_cap: Duration,
+
+    /// How the wait is drawn from the window: `full` (anywhere in it: the web demo's schedule)
+    /// or `equal` (its second half: the web demo before issue 8, for comparison).
+    #[arg(long, value_enum, default_value = "full")]
+    pub reconnect_jitter: Jitter,
+
+    /// With --reconnect or --churn-per-s: an attempt without the initial state after this long
+    /// counts as failed ("timeout") and is given up.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub attempt_timeout: Duration,
+
+    /// Churn: through the window, close this many sessions a second (the oldest first) and open
+    /// as many new ones, so --sessions stay open. 0 is off.
+    #[arg(long, default_value_t = 0.0)]
+    pub churn_per_s: f64,
+
     /// Print one JSON object on stdout instead of a text summary.
     #[arg(long)]
     pub json: bool,
@@ -106,6 +141,20 @@ impl SwarmArgs {
             None => format!("ws://{}/positions.ws", self.connect.http_authority()),
         };
         client::with_token(&url, self.connect.token.as_deref())
+    }
+
+    /// The reconnect schedule.
+    fn backoff(&self) -> Backoff {
+        Backoff {
+            base: self.reconnect_base,
+            cap: self.reconnect_cap.max(self.reconnect_base),
+            jitter: self.reconnect_jitter,
+        }
+    }
+
+    /// Whether attempts after the connect phase are bounded by --attempt-timeout.
+    fn timed_attempts(&self) -> bool {
+        self.reconnect || self.churn_per_s > 0.0
     }
 
     fn metrics_url(&self) -> Option<String> {
@@ -139,8 +188,10 @@ pub struct SwarmReport {
     pub sessions_requested: usize,
     /// Sessions open when the measurement started.
     pub sessions_connected: usize,
-    /// Connection attempts that failed (or did not finish in time).
+    /// Sessions that did not connect in the connect phase (failed, or not done in time).
     pub connect_failures: usize,
+    /// The same sessions by reason ([`ConnectFailure`]), e.g. `{"refused 429": 3}`.
+    pub connect_failures_by_reason: BTreeMap<String, usize>,
     /// Time from the first attempt until every session was open (or the connect phase ended).
     pub connect_seconds: f64,
     /// Sessions that ended during the measurement.
@@ -173,6 +224,115 @@ pub struct SwarmReport {
     pub position_age_ms: SwarmLatency,
     /// Server figures from its `/metrics`, when reachable.
     pub server: Option<ServerFigures>,
+    /// Attempts after the connect phase (reconnects, churn) that failed, by reason.
+    pub attempts_failed_by_reason: BTreeMap<String, usize>,
+    /// With `--reconnect`: sessions lost and how long until all were back.
+    pub reconnect: Option<ReconnectReport>,
+    /// With `--churn-per-s`: sessions closed and opened through the window.
+    pub churn: Option<ChurnReport>,
+}
+
+/// What `--reconnect` saw.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct ReconnectReport {
+    /// The schedule's jitter.
+    pub jitter: Option<Jitter>,
+    /// First window and cap of the schedule, milliseconds.
+    pub base_ms: u64,
+    /// Largest window, milliseconds.
+    pub cap_ms: u64,
+    /// Times a connected session was lost.
+    pub losses: u64,
+    /// Times a lost session connected again.
+    pub reconnects: u64,
+    /// Attempts made to reconnect (failed ones included).
+    pub attempts: u64,
+    /// Unix time of the first loss, milliseconds.
+    pub first_loss_unix_ms: Option<u64>,
+    /// Unix time at which every lost session was back (the last time none was down).
+    pub all_back_unix_ms: Option<u64>,
+    /// From the first loss until all were back, seconds (none: not all came back).
+    pub recovery_seconds: Option<f64>,
+    /// Sessions still down when the run ended.
+    pub still_down: usize,
+    /// Per session, from its loss until it was back, milliseconds.
+    pub down_ms: SwarmLatency,
+}
+
+/// What `--churn-per-s` did.
+#[derive(Debug, Clone, Copy, Serialize, Default)]
+pub struct ChurnReport {
+    /// The rate asked for.
+    pub per_s: f64,
+    /// Sessions closed by the churn (each replaced by a new one).
+    pub sessions_closed: u64,
+    /// New sessions that connected.
+    pub sessions_opened: u64,
+}
+
+/// Why a session attempt did not get as far as the initial state: a short, stable key to
+/// count attempts by (`fleetcast swarm` prints the counts).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnectFailure {
+    /// Still connecting when --connect-timeout (or --attempt-timeout) passed.
+    Timeout,
+    /// The server refused the session with this HTTP status (none: it stopped the request
+    /// without one).
+    Refused(Option<u16>),
+    /// QUIC, TLS or HTTP/3 failed before the session opened.
+    Handshake(String),
+    /// The session opened, then ended before its initial state arrived.
+    EndedEarly(String),
+    /// Anything else (a WebSocket I/O error, a bad URL).
+    Other(String),
+}
+
+impl ConnectFailure {
+    /// Sorts a connect error into a reason.
+    pub fn classify(e: &anyhow::Error) -> Self {
+        if let Some(refused) = e.downcast_ref::<client::Refused>() {
+            return Self::Refused(refused.status);
+        }
+        if let Some(e) = e.downcast_ref::<wtransport::error::ConnectingError>() {
+            return match e {
+                wtransport::error::ConnectingError::ConnectionError(e) => {
+                    Self::Handshake(short(&e.to_string()))
+                }
+                wtransport::error::ConnectingError::SessionRejected { status } => {
+                    Self::Refused(*status)
+                }
+                other => Self::Other(short(&other.to_string())),
+            };
+        }
+        if let Some(tokio_tungstenite::tungstenite::Error::Http(response)) =
+            e.downcast_ref::<tokio_tungstenite::tungstenite::Error>()
+        {
+            return Self::Refused(Some(response.status().as_u16()));
+        }
+        Self::Other(short(&e.root_cause().to_string()))
+    }
+}
+
+impl std::fmt::Display for ConnectFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Timeout => f.write_str("timeout"),
+            Self::Refused(Some(status)) => write!(f, "refused {status}"),
+            Self::Refused(None) => f.write_str("refused (no status)"),
+            Self::Handshake(e) => write!(f, "handshake: {e}"),
+            Self::EndedEarly(e) => write!(f, "ended before the initial state: {e}"),
+            Self::Other(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// The first line of an error message, at most 100 characters, so reasons stay countable.
+fn short(text: &str) -> String {
+    let line = text.lines().next().unwrap_or("").trim();
+    match line.char_indices().nth(100) {
+        Some((i, _)) => format!("{}…", &line[..i]),
+        None => line.to_string(),
+    }
 }
 
 /// What the server's `/metrics` said over the measurement window.
@@ -210,6 +370,52 @@ async fn scrape(url: &Option<String>) -> Option<(f64, f64)> {
 impl SwarmReport {
     /// A readable multi-line summary.
     pub fn summary(&self) -> String {
+        let mut text = self.measured_summary();
+        let reasons = |map: &BTreeMap<String, usize>| {
+            map.iter()
+                .map(|(reason, n)| format!("{n} {reason}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if !self.connect_failures_by_reason.is_empty() {
+            text += &format!(
+                "\nconnect failures   {}",
+                reasons(&self.connect_failures_by_reason)
+            );
+        }
+        if let Some(r) = &self.reconnect {
+            text += &format!(
+                "\nreconnect          {} lost, {} back after {} attempts, {} still down; all back {}; \
+                 down ms p50 {:.0}  p99 {:.0}  max {:.0}",
+                r.losses,
+                r.reconnects,
+                r.attempts,
+                r.still_down,
+                match r.recovery_seconds {
+                    Some(s) => format!("{s:.2} s after the first loss"),
+                    None => "never".to_string(),
+                },
+                r.down_ms.p50,
+                r.down_ms.p99,
+                r.down_ms.max,
+            );
+        }
+        if let Some(c) = &self.churn {
+            text += &format!(
+                "\nchurn              {} closed, {} opened ({}/s asked)",
+                c.sessions_closed, c.sessions_opened, c.per_s
+            );
+        }
+        if !self.attempts_failed_by_reason.is_empty() {
+            text += &format!(
+                "\nlater attempts     failed: {}",
+                reasons(&self.attempts_failed_by_reason)
+            );
+        }
+        text
+    }
+
+    fn measured_summary(&self) -> String {
         format!(
             "transport          {:?}\n\
              sessions           {} connected of {} ({} failed, {} lost during the run)\n\
@@ -273,9 +479,9 @@ impl Window {
 }
 
 /// What one session received inside the window.
-#[derive(Default)]
 struct Record {
-    /// (tick, part, parts) per datagram.
+    /// (tick's server time, part, parts) per datagram: the time, not the tick number, names a
+    /// tick, because a restarted server counts its ticks from 1 again.
     parts: Vec<(u64, u16, u16)>,
     /// Latency per datagram, microseconds.
     latency_us: Vec<u64>,
@@ -284,12 +490,36 @@ struct Record {
     bytes: u64,
     /// The session ended before the swarm closed it.
     lost: bool,
+    /// Ticks from this time on count for this session (its first initial state), µs.
+    from_us: u64,
+    /// Ticks before this time count for it: the churn closed it then (else `u64::MAX`).
+    to_us: u64,
+}
+
+impl Default for Record {
+    fn default() -> Self {
+        Self {
+            parts: Vec::new(),
+            latency_us: Vec::new(),
+            tick_time_us: Vec::new(),
+            bytes: 0,
+            lost: false,
+            from_us: 0,
+            to_us: u64::MAX,
+        }
+    }
 }
 
 impl Record {
+    /// Whether a tick of this time should have reached the session: during its life, and
+    /// not in the last second before the churn closed it (those may still be in flight).
+    fn expects(&self, time_us: u64) -> bool {
+        time_us >= self.from_us && time_us.saturating_add(1_000_000) <= self.to_us
+    }
+
     fn datagram(&mut self, header: TickHeader, len: usize, window: &Window) {
         if window.contains(header.time_us) {
-            self.parts.push((header.tick, header.part, header.parts));
+            self.parts.push((header.time_us, header.part, header.parts));
             self.latency_us
                 .push(now_us().saturating_sub(header.time_us));
             self.tick_time_us.push(header.time_us);
@@ -306,11 +536,55 @@ struct Run {
     tick_interval_us: AtomicU64,
     connected: AtomicUsize,
     failed: AtomicUsize,
+    /// Failed attempts by reason, over the whole run.
+    failures: Mutex<BTreeMap<String, usize>>,
+    recovery: Mutex<Recovery>,
+    /// Sessions opened by the churn that connected.
+    churn_opened: AtomicU64,
     records: Mutex<Vec<Record>>,
     stop: tokio_util::sync::CancellationToken,
 }
 
+/// Losses and returns under `--reconnect`.
+#[derive(Default)]
+struct Recovery {
+    /// Sessions lost and not back yet.
+    down: usize,
+    losses: u64,
+    reconnects: u64,
+    attempts: u64,
+    first_loss_unix_ms: Option<u64>,
+    all_back_unix_ms: Option<u64>,
+    down_us: LatencyHistogram,
+}
+
 impl Run {
+    fn note_failure(&self, reason: &ConnectFailure) {
+        *self
+            .failures
+            .lock()
+            .expect("failures lock")
+            .entry(reason.to_string())
+            .or_default() += 1;
+    }
+
+    fn note_loss(&self) {
+        let mut r = self.recovery.lock().expect("recovery lock");
+        r.down += 1;
+        r.losses += 1;
+        r.first_loss_unix_ms.get_or_insert(now_us() / 1000);
+    }
+
+    fn note_back(&self, down_for: Duration) {
+        let mut r = self.recovery.lock().expect("recovery lock");
+        r.down = r.down.saturating_sub(1);
+        r.reconnects += 1;
+        r.down_us.record(down_for.as_micros() as u64);
+        if r.down == 0 {
+            r.all_back_unix_ms = Some(now_us() / 1000);
+        }
+    }
+
     fn note_hello(&self, hello: &crate::proto::wire::Hello) {
         self.tick_interval_us
             .store(u64::from(hello.tick_interval_ms) * 1000, Ordering::Relaxed);
@@ -322,6 +596,9 @@ pub async fn run(args: SwarmArgs) -> Result<SwarmReport> {
     if args.sessions == 0 {
         bail!("--sessions must be at least 1");
     }
+    if !(args.churn_per_s.is_finite() && args.churn_per_s >= 0.0) {
+        bail!("--churn-per-s must be a rate of 0 or more");
+    }
     let trust = match args.transport {
         // The WebSocket fallback is plain ws:// (or TLS through a proxy's own certificate).
         Transport::Websocket => Trust::SystemRoots,
@@ -332,6 +609,9 @@ pub async fn run(args: SwarmArgs) -> Result<SwarmReport> {
         tick_interval_us: AtomicU64::new(0),
         connected: AtomicUsize::new(0),
         failed: AtomicUsize::new(0),
+        failures: Mutex::default(),
+        recovery: Mutex::default(),
+        churn_opened: AtomicU64::new(0),
         records: Mutex::new(Vec::with_capacity(args.sessions)),
         stop: tokio_util::sync::CancellationToken::new(),
         args,
@@ -349,6 +629,11 @@ pub async fn run(args: SwarmArgs) -> Result<SwarmReport> {
             endpoints.push(Arc::new(client::endpoint(&options)?));
         }
     }
+    let endpoint_of = |i: usize| {
+        endpoints
+            .get(i / args.sessions_per_endpoint.max(1))
+            .cloned()
+    };
 
     let metrics_url = args.metrics_url();
     let before = scrape(&metrics_url).await;
@@ -363,6 +648,8 @@ pub async fn run(args: SwarmArgs) -> Result<SwarmReport> {
     pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let progress = Progress::new(args.sessions);
     let mut tasks = tokio::task::JoinSet::new();
+    // One stop token per session slot, so the churn can close one session.
+    let mut slots = Vec::with_capacity(args.sessions);
     let connect_deadline = started + args.connect_timeout;
     for i in 0..args.sessions {
         pace.tick().await;
@@ -372,10 +659,9 @@ pub async fn run(args: SwarmArgs) -> Result<SwarmReport> {
             break;
         };
         let permit = permit.context("semaphore closed")?;
-        let endpoint = endpoints
-            .get(i / args.sessions_per_endpoint.max(1))
-            .cloned();
-        tasks.spawn(session(run.clone(), endpoint, permit));
+        let stop = run.stop.child_token();
+        slots.push(stop.clone());
+        tasks.spawn(session(run.clone(), endpoint_of(i), Some(permit), stop));
         progress.update(&run);
     }
     // Wait for the attempts in flight to finish connecting.
@@ -388,6 +674,16 @@ pub async fn run(args: SwarmArgs) -> Result<SwarmReport> {
     let connect_seconds = started.elapsed().as_secs_f64();
     let connected = run.connected.load(Ordering::Relaxed);
     let failed = args.sessions - connected;
+    // Every session that is neither connected nor counted with a reason was still connecting
+    // (or never started) when the connect phase ended.
+    let connect_failures_by_reason = {
+        let mut map = run.failures.lock().expect("failures lock").clone();
+        let counted: usize = map.values().sum();
+        if failed > counted {
+            *map.entry(ConnectFailure::Timeout.to_string()).or_default() += failed - counted;
+        }
+        map
+    };
     progress.finish(&run);
     info!(
         "{connected} sessions connected in {connect_seconds:.1} s; measuring for {:?}",
@@ -399,7 +695,24 @@ pub async fn run(args: SwarmArgs) -> Result<SwarmReport> {
     let end_us = start_us + args.duration.as_micros() as u64;
     run.window.end_us.store(end_us, Ordering::Relaxed);
     run.window.start_us.store(start_us, Ordering::Relaxed);
-    tokio::time::sleep(args.duration).await;
+    let churn = if args.churn_per_s > 0.0 && !slots.is_empty() {
+        let closed = churn(
+            &run,
+            &mut slots,
+            &mut tasks,
+            &endpoint_of,
+            Instant::now() + args.duration,
+        )
+        .await;
+        Some(ChurnReport {
+            per_s: args.churn_per_s,
+            sessions_closed: closed,
+            sessions_opened: run.churn_opened.load(Ordering::Relaxed),
+        })
+    } else {
+        tokio::time::sleep(args.duration).await;
+        None
+    };
     let at_end = scrape(&metrics_url).await;
     // Datagrams of the window's last tick may still be in flight.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -416,6 +729,40 @@ pub async fn run(args: SwarmArgs) -> Result<SwarmReport> {
         connect_seconds,
         interval_us,
     );
+    report.connect_failures_by_reason = connect_failures_by_reason.clone();
+    report.attempts_failed_by_reason = {
+        // Everything counted after the connect phase.
+        let mut later = run.failures.lock().expect("failures lock").clone();
+        for (reason, n) in &connect_failures_by_reason {
+            if let Some(v) = later.get_mut(reason) {
+                *v = v.saturating_sub(*n);
+            }
+        }
+        later.retain(|_, n| *n > 0);
+        later
+    };
+    report.churn = churn;
+    if args.reconnect {
+        let r = run.recovery.lock().expect("recovery lock");
+        report.reconnect = Some(ReconnectReport {
+            jitter: Some(args.reconnect_jitter),
+            base_ms: args.reconnect_base.as_millis() as u64,
+            cap_ms: args.reconnect_cap.as_millis() as u64,
+            losses: r.losses,
+            reconnects: r.reconnects,
+            attempts: r.attempts,
+            first_loss_unix_ms: r.first_loss_unix_ms,
+            all_back_unix_ms: r.all_back_unix_ms.filter(|_| r.down == 0),
+            recovery_seconds: match (r.first_loss_unix_ms, r.all_back_unix_ms) {
+                (Some(first), Some(back)) if r.down == 0 => {
+                    Some(back.saturating_sub(first) as f64 / 1000.0)
+                }
+                _ => None,
+            },
+            still_down: r.down,
+            down_ms: percentiles(&r.down_us),
+        });
+    }
     report.position_age_ms = position_age(&records, start_us, end_us);
     if let (Some(before), Some(start), Some(end)) = (before, at_start, at_end) {
         let cpu = end.0 - start.0;
@@ -438,8 +785,38 @@ pub async fn run(args: SwarmArgs) -> Result<SwarmReport> {
     Ok(report)
 }
 
-/// Samples, every 100 ms from one second into the window, how old each session's newest
-/// position was: the sample time minus the server time of the newest tick received by then.
+/// Until `until`: every 1/rate seconds closes the next slot's session (round robin, so the
+/// oldest goes first) and opens a new one in its place. Returns how many it closed.
+async fn churn(
+    run: &Arc<Run>,
+    slots: &mut [tokio_util::sync::CancellationToken],
+    tasks: &mut tokio::task::JoinSet<()>,
+    endpoint_of: &impl Fn(usize) -> Option<Arc<Endpoint<endpoint_side::Client>>>,
+    until: Instant,
+) -> u64 {
+    let mut every = tokio::time::interval(Duration::from_secs_f64(1.0 / run.args.churn_per_s));
+    // A late tick is made up for, so the rate holds on average.
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    every.tick().await;
+    let mut closed = 0u64;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep_until(until) => return closed,
+            _ = every.tick() => {}
+        }
+        let i = (closed % slots.len() as u64) as usize;
+        slots[i].cancel();
+        slots[i] = run.stop.child_token();
+        tasks.spawn(session(run.clone(), endpoint_of(i), None, slots[i].clone()));
+        closed += 1;
+        // Finished sessions leave their results in the set: collect them as we go.
+        while tasks.try_join_next().is_some() {}
+    }
+}
+
+/// Samples, every 100 ms from one second into the window (or into the session's life, if it
+/// opened later) until the window or the session ends, how old each session's newest position
+/// was: the sample time minus the server time of the newest tick received by then.
 fn position_age(records: &[Record], start_us: u64, end_us: u64) -> SwarmLatency {
     const STEP_US: u64 = 100_000;
     let mut hist = LatencyHistogram::default();
@@ -454,7 +831,9 @@ fn position_age(records: &[Record], start_us: u64, end_us: u64) -> SwarmLatency 
         arrivals.sort_unstable();
         let mut newest = None::<u64>;
         let mut next = 0;
-        let mut t = start_us + 1_000_000;
+        // Only while the session was open (the churn opens and closes sessions in the window).
+        let mut t = (start_us + 1_000_000).max(r.from_us.saturating_add(1_000_000));
+        let end_us = end_us.min(r.to_us);
         while t < end_us {
             while next < arrivals.len() && arrivals[next].0 <= t {
                 newest = Some(newest.map_or(arrivals[next].1, |n: u64| n.max(arrivals[next].1)));
@@ -493,7 +872,7 @@ fn report(
     connect_seconds: f64,
     tick_interval_us: u64,
 ) -> SwarmReport {
-    // Ticks in the window and their part counts, from every session's view.
+    // Ticks in the window (by server time) and their part counts, from every session's view.
     let mut ticks: BTreeMap<u64, u16> = BTreeMap::new();
     for r in records {
         for &(tick, _, parts) in &r.parts {
@@ -503,13 +882,14 @@ fn report(
     }
     let mut hist = LatencyHistogram::default();
     let (mut received, mut complete, mut partial, mut missed) = (0u64, 0u64, 0u64, 0u64);
-    let (mut datagrams, mut bytes) = (0u64, 0u64);
+    let (mut datagrams, mut bytes, mut expected) = (0u64, 0u64, 0u64);
     for r in records {
         let mut per_tick: HashMap<u64, Vec<u16>> = HashMap::new();
         for &(tick, part, _) in &r.parts {
             per_tick.entry(tick).or_default().push(part);
         }
-        for (&tick, &parts) in &ticks {
+        for (&tick, &parts) in ticks.iter().filter(|(&t, _)| r.expects(t)) {
+            expected += u64::from(parts);
             match per_tick.get_mut(&tick) {
                 None => missed += 1,
                 Some(got) => {
@@ -531,22 +911,23 @@ fn report(
         bytes += r.bytes;
     }
     // A server too busy to keep its tick rate produces fewer ticks, and that is undelivered
-    // data too: expect one tick per nominal interval (or every tick seen, if more).
+    // data too: expect one tick per nominal interval (or every tick seen, if more), from every
+    // session open through the whole window.
     let nominal = (args.duration.as_micros() as u64)
         .checked_div(tick_interval_us)
         .unwrap_or(0);
     let ticks_expected = nominal.max(ticks.len() as u64);
     let never_sent = ticks_expected - ticks.len() as u64;
-    missed += never_sent * records.len() as u64;
+    let whole_window = records.iter().filter(|r| r.to_us == u64::MAX).count() as u64;
+    missed += never_sent * whole_window;
     let parts_per_tick = u64::from(ticks.values().copied().max().unwrap_or(1));
-    let expected: u64 = (ticks.values().map(|&p| u64::from(p)).sum::<u64>()
-        + never_sent * parts_per_tick)
-        * connected as u64;
+    expected += never_sent * parts_per_tick * whole_window;
     SwarmReport {
         transport: args.transport,
         sessions_requested: args.sessions,
         sessions_connected: connected,
         connect_failures: failed,
+        connect_failures_by_reason: BTreeMap::new(),
         connect_seconds,
         sessions_lost: records.iter().filter(|r| r.lost).count(),
         duration_seconds: args.duration.as_secs_f64(),
@@ -566,61 +947,163 @@ fn report(
         position_age_ms: SwarmLatency::default(),
         server: None,
         latency_ms: percentiles(&hist),
+        attempts_failed_by_reason: BTreeMap::new(),
+        reconnect: None,
+        churn: None,
     }
 }
 
-/// One session: connect, read the initial state, record datagrams until the run stops.
+/// One session slot: connect, read the initial state, record datagrams until `stop` (the end
+/// of the run, or the churn) is cancelled; with `--reconnect`, open it again whenever it is
+/// lost or an attempt fails, after the backoff.
 async fn session(
     run: Arc<Run>,
     endpoint: Option<Arc<Endpoint<endpoint_side::Client>>>,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    stop: tokio_util::sync::CancellationToken,
 ) {
     let mut record = Record::default();
-    let result = match endpoint {
-        Some(endpoint) => webtransport_session(&run, &endpoint, permit, &mut record).await,
-        None => websocket_session(&run, permit, &mut record).await,
+    let mut life = Life {
+        // Only the connect phase hands out permits; the churn opens sessions without one.
+        churned_in: permit.is_none(),
+        permit,
+        ever: false,
+        down_since: None,
     };
-    match result {
-        Err(SessionError::Connect(e)) => {
-            run.failed.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!("connect failed: {e:#}");
-            return;
-        }
-        Err(SessionError::Ended(e)) => {
-            record.lost = true;
-            if !run.stop.is_cancelled() {
-                tracing::debug!("session ended: {e}");
+    let backoff = run.args.backoff();
+    let mut attempt = 0u32;
+    loop {
+        let outcome = match &endpoint {
+            Some(endpoint) => {
+                webtransport_session(&run, endpoint, &stop, &mut life, &mut record).await
+            }
+            None => websocket_session(&run, &stop, &mut life, &mut record).await,
+        };
+        match outcome {
+            Outcome::Stopped => break,
+            Outcome::Failed(reason) => {
+                debug!("connect failed: {reason}");
+                run.note_failure(&reason);
+                if !run.args.reconnect {
+                    if !life.ever {
+                        run.failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    break;
+                }
+                attempt = attempt.saturating_add(1);
+            }
+            Outcome::Lost(e) => {
+                record.lost = true;
+                debug!("session ended: {e}");
+                if !run.args.reconnect {
+                    break;
+                }
+                life.down_since = Some(Instant::now());
+                run.note_loss();
+                attempt = 0;
             }
         }
-        Ok(()) => {}
+        let wait = backoff.delay(attempt, rand::random::<f64>());
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        run.recovery.lock().expect("recovery lock").attempts += 1;
     }
-    run.records.lock().expect("records lock").push(record);
+    if life.ever {
+        if !run.stop.is_cancelled() {
+            // The churn closed it: ticks after now are not its to receive.
+            record.to_us = now_us();
+        }
+        run.records.lock().expect("records lock").push(record);
+    }
 }
 
-enum SessionError {
-    Connect(anyhow::Error),
-    Ended(String),
+/// Where a session slot is in its life.
+struct Life {
+    /// The connect-phase slot, held until the first initial state.
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// Opened by the churn (after the connect phase).
+    churned_in: bool,
+    /// Connected at least once.
+    ever: bool,
+    /// Lost at this time and not back yet.
+    down_since: Option<Instant>,
+}
+
+impl Life {
+    /// The initial state arrived on this attempt.
+    fn connected(&mut self, run: &Run, record: &mut Record) {
+        if !self.ever {
+            self.ever = true;
+            record.from_us = now_us();
+            if self.churned_in {
+                run.churn_opened.fetch_add(1, Ordering::Relaxed);
+            } else {
+                run.connected.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if let Some(since) = self.down_since.take() {
+            run.note_back(since.elapsed());
+        }
+        self.permit = None;
+    }
+}
+
+/// How one attempt ended.
+enum Outcome {
+    /// The swarm stopped it.
+    Stopped,
+    /// It never got its initial state.
+    Failed(ConnectFailure),
+    /// It was connected, then the server or the network ended it.
+    Lost(String),
+}
+
+/// The deadline of an attempt that has not connected yet: --attempt-timeout from now when
+/// attempts are timed, else never (the connect phase has its own limit).
+fn attempt_deadline(run: &Run) -> Option<Instant> {
+    run.args
+        .timed_attempts()
+        .then(|| Instant::now() + run.args.attempt_timeout)
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn webtransport_session(
     run: &Run,
     endpoint: &Endpoint<endpoint_side::Client>,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    stop: &tokio_util::sync::CancellationToken,
+    life: &mut Life,
     record: &mut Record,
-) -> Result<(), SessionError> {
-    let mut session = client::open(
-        endpoint,
-        &run.args.connect.session_url(),
-        run.args.connect.origin.as_deref(),
-    )
-    .await
-    .map_err(SessionError::Connect)?;
-    let mut permit = Some(permit);
+) -> Outcome {
+    let deadline = attempt_deadline(run);
+    let url = run.args.connect.session_url();
+    let opened = tokio::select! {
+        _ = stop.cancelled() => return Outcome::Stopped,
+        _ = until(deadline) => return Outcome::Failed(ConnectFailure::Timeout),
+        opened = client::open(endpoint, &url, run.args.connect.origin.as_deref()) => opened,
+    };
+    let mut session = match opened {
+        Ok(session) => session,
+        Err(e) => return Outcome::Failed(ConnectFailure::classify(&e)),
+    };
+    let mut up = false;
     loop {
         let event = tokio::select! {
-            _ = run.stop.cancelled() => {
+            _ = stop.cancelled() => {
                 session.close();
-                return Ok(());
+                return Outcome::Stopped;
+            }
+            _ = until(deadline), if !up => {
+                session.close();
+                return Outcome::Failed(ConnectFailure::Timeout);
             }
             event = session.next() => event,
         };
@@ -630,8 +1113,9 @@ async fn webtransport_session(
             }
             Ok(Event::Message(StreamMessage::State(_))) => {
                 // Connected once the initial state is in: release the connect slot.
-                if permit.take().is_some() {
-                    run.connected.fetch_add(1, Ordering::Relaxed);
+                if !up {
+                    up = true;
+                    life.connected(run, record);
                 }
             }
             Ok(Event::Message(_)) => {}
@@ -640,11 +1124,9 @@ async fn webtransport_session(
                     record.datagram(header, bytes.len(), &run.window);
                 }
             }
+            Err(end) if up => return Outcome::Lost(end.to_string()),
             Err(end) => {
-                if permit.is_some() {
-                    return Err(SessionError::Connect(anyhow::anyhow!("{end}")));
-                }
-                return Err(SessionError::Ended(end.to_string()));
+                return Outcome::Failed(ConnectFailure::EndedEarly(short(&end.to_string())))
             }
         }
     }
@@ -652,31 +1134,44 @@ async fn webtransport_session(
 
 async fn websocket_session(
     run: &Run,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    stop: &tokio_util::sync::CancellationToken,
+    life: &mut Life,
     record: &mut Record,
-) -> Result<(), SessionError> {
+) -> Outcome {
     let url = run.args.ws_url();
-    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
-        .await
-        .map_err(|e| {
-            let url = client::without_query(&url);
-            SessionError::Connect(anyhow::anyhow!("{url}: {e}"))
-        })?;
-    let mut permit = Some(permit);
+    let deadline = attempt_deadline(run);
+    let opened = tokio::select! {
+        _ = stop.cancelled() => return Outcome::Stopped,
+        _ = until(deadline) => return Outcome::Failed(ConnectFailure::Timeout),
+        opened = tokio_tungstenite::connect_async(url.as_str()) => opened,
+    };
+    let mut ws = match opened {
+        Ok((ws, _)) => ws,
+        Err(e) => return Outcome::Failed(ConnectFailure::classify(&anyhow::Error::new(e))),
+    };
+    let mut up = false;
     let mut frames = FrameDecoder::new();
     loop {
         let msg = tokio::select! {
-            _ = run.stop.cancelled() => {
+            _ = stop.cancelled() => {
                 let _ = ws.close(None).await;
-                return Ok(());
+                return Outcome::Stopped;
+            }
+            _ = until(deadline), if !up => {
+                let _ = ws.close(None).await;
+                return Outcome::Failed(ConnectFailure::Timeout);
             }
             msg = ws.next() => msg,
         };
         let data = match msg {
             Some(Ok(Message::Binary(data))) => data,
             Some(Ok(_)) => continue,
-            Some(Err(e)) => return Err(end_or_connect(&mut permit, e.to_string())),
-            None => return Err(end_or_connect(&mut permit, "closed".into())),
+            Some(Err(e)) if up => return Outcome::Lost(e.to_string()),
+            Some(Err(e)) => {
+                return Outcome::Failed(ConnectFailure::EndedEarly(short(&e.to_string())))
+            }
+            None if up => return Outcome::Lost("closed".into()),
+            None => return Outcome::Failed(ConnectFailure::EndedEarly("closed".into())),
         };
         match data.split_first() {
             Some((&WS_CHANNEL_STREAM, rest)) => {
@@ -685,8 +1180,9 @@ async fn websocket_session(
                     if let StreamMessage::Hello(hello) = &msg {
                         run.note_hello(hello);
                     }
-                    if matches!(msg, StreamMessage::State(_)) && permit.take().is_some() {
-                        run.connected.fetch_add(1, Ordering::Relaxed);
+                    if matches!(msg, StreamMessage::State(_)) && !up {
+                        up = true;
+                        life.connected(run, record);
                     }
                 }
             }
@@ -697,17 +1193,6 @@ async fn websocket_session(
             }
             _ => {}
         }
-    }
-}
-
-fn end_or_connect(
-    permit: &mut Option<tokio::sync::OwnedSemaphorePermit>,
-    e: String,
-) -> SessionError {
-    if permit.is_some() {
-        SessionError::Connect(anyhow::anyhow!(e))
-    } else {
-        SessionError::Ended(e)
     }
 }
 
@@ -767,5 +1252,174 @@ impl Progress {
                 run.failed.load(Ordering::Relaxed)
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn args(extra: &[&str]) -> SwarmArgs {
+        #[derive(Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            args: SwarmArgs,
+        }
+        let mut argv = vec!["swarm"];
+        argv.extend_from_slice(extra);
+        Wrapper::parse_from(argv).args
+    }
+
+    #[test]
+    fn connect_failure_refusal_is_its_status() {
+        let e = anyhow::Error::new(client::Refused { status: Some(429) }).context("opening");
+        assert_eq!(
+            ConnectFailure::classify(&e),
+            ConnectFailure::Refused(Some(429))
+        );
+        assert_eq!(
+            ConnectFailure::Refused(Some(429)).to_string(),
+            "refused 429"
+        );
+        assert_eq!(
+            ConnectFailure::Refused(None).to_string(),
+            "refused (no status)"
+        );
+    }
+
+    #[test]
+    fn connect_failure_handshake_names_the_quic_error() {
+        use wtransport::error::{ConnectingError, ConnectionError};
+        let e = anyhow::Error::new(ConnectingError::ConnectionError(ConnectionError::TimedOut))
+            .context("opening a WebTransport session at https://h:1/positions");
+        let reason = ConnectFailure::classify(&e);
+        assert_eq!(reason.to_string(), "handshake: connection timed out");
+    }
+
+    #[test]
+    fn connect_failure_websocket_http_status_is_a_refusal() {
+        let response = tokio_tungstenite::tungstenite::http::Response::builder()
+            .status(401)
+            .body(None)
+            .unwrap();
+        let e = anyhow::Error::new(tokio_tungstenite::tungstenite::Error::Http(Box::new(
+            response,
+        )));
+        assert_eq!(
+            ConnectFailure::classify(&e),
+            ConnectFailure::Refused(Some(401))
+        );
+    }
+
+    #[test]
+    fn connect_failure_other_keeps_the_root_cause_only() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused\nmore");
+        let e = anyhow::Error::new(io).context("ws://127.0.0.1:9/positions.ws");
+        assert_eq!(ConnectFailure::classify(&e).to_string(), "refused");
+    }
+
+    #[test]
+    fn short_cuts_long_messages() {
+        assert_eq!(short("  one line \n two"), "one line");
+        let long = "é".repeat(150);
+        let cut = short(&long);
+        assert_eq!(cut.chars().count(), 101);
+        assert!(cut.ends_with('…'));
+    }
+
+    #[test]
+    fn record_expects_ticks_in_its_life_only() {
+        let mut r = Record {
+            from_us: 10_000_000,
+            ..Record::default()
+        };
+        assert!(!r.expects(9_999_999));
+        assert!(r.expects(10_000_000));
+        assert!(r.expects(u64::MAX - 1), "open until the run stops");
+        r.to_us = 20_000_000;
+        assert!(r.expects(19_000_000));
+        assert!(
+            !r.expects(19_000_001),
+            "the last second may still be in flight"
+        );
+    }
+
+    fn record(from_s: u64, to_s: Option<u64>, got: &[u64]) -> Record {
+        Record {
+            parts: got.iter().map(|&t| (t * 1_000_000, 0, 1)).collect(),
+            latency_us: got.iter().map(|_| 1000).collect(),
+            tick_time_us: got.iter().map(|&t| t * 1_000_000).collect(),
+            from_us: from_s * 1_000_000,
+            to_us: to_s.map_or(u64::MAX, |t| t * 1_000_000),
+            ..Record::default()
+        }
+    }
+
+    #[test]
+    fn report_charges_churned_sessions_only_for_their_life() {
+        let a = args(&["--duration", "5s"]);
+        let records = [
+            // Open the whole window, got ticks 1-5.
+            record(0, None, &[1, 2, 3, 4, 5]),
+            // Closed by the churn at 4 s: expects 1-3, got them.
+            record(0, Some(4), &[1, 2, 3]),
+            // Opened by the churn at 3 s: expects 3-5, missed 5.
+            record(3, None, &[3, 4]),
+        ];
+        let r = report(&a, &records, 2, 0, 1.0, 1_000_000);
+        assert_eq!(r.ticks, 5);
+        assert_eq!(r.ticks_complete, 10);
+        assert_eq!(r.ticks_missed, 1);
+        assert!((r.delivery_ratio - 10.0 / 11.0).abs() < 1e-9, "{r:?}");
+    }
+
+    #[test]
+    fn report_charges_a_lost_session_for_the_rest_of_the_window() {
+        let a = args(&["--duration", "4s"]);
+        let mut lost = record(0, None, &[1, 2]);
+        lost.lost = true;
+        let r = report(
+            &a,
+            &[record(0, None, &[1, 2, 3, 4]), lost],
+            2,
+            0,
+            1.0,
+            1_000_000,
+        );
+        assert_eq!(r.sessions_lost, 1);
+        assert_eq!(r.ticks_missed, 2);
+        assert!((r.delivery_ratio - 0.75).abs() < 1e-9);
+    }
+
+    #[test]
+    fn position_age_samples_a_churned_session_only_while_it_was_open() {
+        // Ticks every second, each received 100 ms late; closed by the churn at 5 s.
+        let mut r = record(0, Some(5), &[1, 2, 3, 4]);
+        r.latency_us = vec![100_000; 4];
+        let age = position_age(&[r], 0, 60_000_000);
+        // At most a tick interval old (histogram precision aside), never the minute after.
+        assert!(age.max <= 1_001.0, "no sample after it closed: {age:?}");
+        assert!(age.p50 >= 100.0, "{age:?}");
+    }
+
+    #[test]
+    fn swarm_args_backoff_follows_the_options() {
+        let a = args(&["--reconnect-base", "500ms", "--reconnect-cap", "10s"]);
+        assert_eq!(a.backoff().window(0), Duration::from_millis(500));
+        assert_eq!(a.backoff().window(9), Duration::from_secs(10));
+        assert_eq!(
+            args(&[]).backoff(),
+            Backoff::PAGE,
+            "defaults are the page's"
+        );
+        let a = args(&["--reconnect-base", "2s", "--reconnect-cap", "1s"]);
+        assert_eq!(
+            a.backoff().window(3),
+            Duration::from_secs(2),
+            "cap below base: base"
+        );
+        assert!(!args(&[]).timed_attempts());
+        assert!(args(&["--churn-per-s", "2"]).timed_attempts());
     }
 }

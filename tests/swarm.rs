@@ -1,4 +1,5 @@
-//! Smoke test of the load generator: a small swarm against a real server, both transports.
+//! Smoke tests of the load generator: a small swarm against a real server, both transports,
+//! and its churn and reconnect modes.
 
 mod common;
 
@@ -6,15 +7,20 @@ use std::time::Duration;
 
 use common::TestServer;
 use fleetcast::client::ConnectArgs;
+use fleetcast::server::Server;
 use fleetcast::swarm::{self, SwarmArgs, Transport};
 
 fn args(ts: &TestServer, transport: Transport, sessions: usize) -> SwarmArgs {
+    args_for(&ts.server, transport, sessions)
+}
+
+fn args_for(server: &Server, transport: Transport, sessions: usize) -> SwarmArgs {
     SwarmArgs {
         connect: ConnectArgs {
-            cert_hash: ts.server.cert_hash.clone(),
-            ..ConnectArgs::new(common::url_for(ts.server.wt_addr, "/positions"))
+            cert_hash: server.cert_hash.clone(),
+            ..ConnectArgs::new(common::url_for(server.wt_addr, "/positions"))
         },
-        ws_url: Some(format!("ws://{}/positions.ws", ts.server.http_addr)),
+        ws_url: Some(format!("ws://{}/positions.ws", server.http_addr)),
         transport,
         sessions,
         sessions_per_endpoint: 250,
@@ -23,7 +29,13 @@ fn args(ts: &TestServer, transport: Transport, sessions: usize) -> SwarmArgs {
         connect_timeout: Duration::from_secs(60),
         duration: Duration::from_secs(2),
         udp_buffer: 4 << 20,
-        metrics_url: Some(format!("http://{}/metrics", ts.server.http_addr)),
+        metrics_url: Some(format!("http://{}/metrics", server.http_addr)),
+        reconnect: false,
+        reconnect_base: Duration::from_secs(1),
+        reconnect_cap: Duration::from_secs(8),
+        reconnect_jitter: fleetcast::backoff::Jitter::Full,
+        attempt_timeout: Duration::from_secs(5),
+        churn_per_s: 0.0,
         json: true,
     }
 }
@@ -87,7 +99,94 @@ async fn swarm_token_is_sent_on_both_transports() {
         let report = swarm::run(without).await.unwrap();
         assert_eq!(report.sessions_connected, 0, "{transport:?}: {report:?}");
         assert_eq!(report.connect_failures, 5, "{report:?}");
+        assert_eq!(
+            report.connect_failures_by_reason,
+            [("refused 401".to_string(), 5)].into(),
+            "{transport:?}: the status is the reason"
+        );
     }
     assert_eq!(ts.server.stats().get("refused_unauthorized"), Some(5));
     assert_eq!(ts.server.stats().get("ws_refused_unauthorized"), Some(5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn churn_replaces_sessions_at_the_rate_asked() {
+    let ts = TestServer::start(|a| a.tick_ms = 250).await;
+    let mut a = args(&ts, Transport::Webtransport, 40);
+    a.churn_per_s = 20.0;
+    a.duration = Duration::from_secs(2);
+    let report = swarm::run(a).await.unwrap();
+    let churn = report.churn.expect("churn report");
+    // One close per 50 ms over 2 s (the first at once): 40, give or take a timer tick.
+    assert!((38..=41).contains(&churn.sessions_closed), "{churn:?}");
+    // The last one or two may still be connecting when the window ends.
+    assert!(
+        churn.sessions_opened + 2 >= churn.sessions_closed
+            && churn.sessions_opened <= churn.sessions_closed,
+        "{report:?}"
+    );
+    assert!(report.attempts_failed_by_reason.is_empty(), "{report:?}");
+    let accepted = ts.server.stats().get("sessions_accepted").unwrap();
+    assert!(
+        (40 + churn.sessions_opened..=40 + churn.sessions_closed).contains(&accepted),
+        "{accepted} accepted: {churn:?}"
+    );
+    // Churned sessions are charged only for the ticks of their own life.
+    assert!(report.delivery_ratio >= 0.99, "{report:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnect_brings_every_session_back_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut serve = fleetcast::server::ServeArgs::ephemeral(dir.path().to_path_buf());
+    serve.tick_ms = 250;
+    let first = fleetcast::server::Server::start(serve.clone())
+        .await
+        .unwrap();
+    serve.wt_listen = first.wt_addr;
+    serve.http_listen = first.http_addr;
+    let mut a = SwarmArgs {
+        ws_url: None,
+        metrics_url: Some("none".into()),
+        ..args_for(&first, Transport::Webtransport, 50)
+    };
+    a.reconnect = true;
+    a.reconnect_base = Duration::from_millis(200);
+    a.duration = Duration::from_secs(10);
+    let swarm = tokio::spawn(swarm::run(a));
+    while first.sessions() < 50 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    first.shutdown();
+    first.wait().await;
+    // Same ports and certificate directory: the same certificate hash. The old endpoint's
+    // socket closes with its driver task, just after `wait` returns.
+    let mut tries = 0;
+    let second = loop {
+        match fleetcast::server::Server::start(serve.clone()).await {
+            Ok(server) => break server,
+            Err(e) if tries < 40 => {
+                tries += 1;
+                tracing::debug!("restart: {e:#}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("restart on the same ports: {e:#}"),
+        }
+    };
+    let report = swarm.await.unwrap().unwrap();
+    let r = report.reconnect.expect("reconnect report");
+    assert_eq!(r.losses, 50, "{r:?}");
+    assert_eq!(r.reconnects, 50, "{r:?}");
+    assert_eq!(r.still_down, 0, "{r:?}");
+    // Attempts while the old server shuts down are refused at once and back off (200 ms,
+    // 400 ms, ...): all are back within a few seconds of the new server starting.
+    let recovery = r.recovery_seconds.expect("all back");
+    assert!(
+        recovery > 0.0 && recovery < 8.0,
+        "{r:?} {:?}",
+        report.attempts_failed_by_reason
+    );
+    assert_eq!(second.stats().get("sessions_accepted"), Some(50));
+    second.shutdown();
+    second.wait().await;
 }

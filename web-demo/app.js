@@ -21,6 +21,7 @@ import {
   WS_CHANNEL_STREAM,
   WS_CHANNEL_DATAGRAM,
 } from './fleetcast-wire.js';
+import { retryDelayMs } from './backoff.js';
 
 const params = new URLSearchParams(location.search);
 const forced = params.get('transport'); // 'websocket' | 'webtransport' | null
@@ -29,8 +30,6 @@ const token = params.get('token') || null;
 /** What the stats panel says when the server requires a token and a session was refused. */
 const TOKEN_REFUSED = 'refused (token missing, invalid or expired?)';
 const OPEN_TIMEOUT_MS = 5000;
-const BACKOFF_BASE_MS = 500;
-const BACKOFF_CAP_MS = 10000;
 /** Longest a car is dead-reckoned past its last fix, in tick intervals (then it waits). */
 const MAX_EXTRAPOLATE_TICKS = 3;
 /** Time constant of the ease from the drawn position to the corrected one, seconds. */
@@ -474,9 +473,9 @@ async function main() {
     }
     fc.connected = false;
     attempt = hadData ? 0 : attempt + 1;
-    // Exponential backoff with jitter, so a restarted server is not hit by every page at once.
-    const cap = Math.min(BACKOFF_CAP_MS, BACKOFF_BASE_MS * 2 ** attempt);
-    const delay = cap / 2 + Math.random() * (cap / 2);
+    // Full jitter over a window that doubles per failed attempt (backoff.js): the pages a
+    // restarted server lost all at once come back spread over the window, not in one burst.
+    const delay = retryDelayMs(attempt, Math.random());
     fc.reconnects += 1;
     const until = performance.now() + delay;
     setState('reconnecting', until);

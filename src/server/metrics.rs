@@ -275,6 +275,17 @@ pub(crate) fn render(shared: &Shared) -> String {
     o.sample(&format!("{name}_sum"), "", sum);
     o.sample(&format!("{name}_count"), "", count);
 
+    // Every task of the server's main runtime: session tasks, QUIC connection drivers, HTTP
+    // and WebSocket connections. A count that keeps growing while sessions do not is a leak.
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        o.family(
+            "tokio_alive_tasks",
+            "gauge",
+            "Tasks alive in the server's main runtime (the tick loop's runtime not included).",
+        );
+        o.sample("tokio_alive_tasks", "", runtime.metrics().num_alive_tasks());
+    }
+
     if let Some(p) = ProcessStats::read() {
         o.family(
             "process_cpu_seconds_total",

@@ -6,6 +6,7 @@ use crate::driver::DriverError;
 use crate::error::StreamWriteError;
 use crate::VarInt;
 use std::future::pending;
+use tokio::sync::mpsc;
 use tokio::sync::watch;
 use wtransport_proto::bytes;
 use wtransport_proto::error::ErrorCode;
@@ -75,26 +76,56 @@ impl LocalSettingsStream {
     }
 }
 
+/// The peer's control stream.
+///
+/// fleetcast patch (see `FLEETCAST-PATCH.md`): the stream is read by a task of its own, which
+/// hands whole frames over a channel. `run` is polled inside the driver's `select!` loop and
+/// dropped whenever another branch wins; reading the stream directly there (upstream) lost the
+/// bytes of a partly read frame, so the next read began mid-frame and the connection failed
+/// with FrameUnexpected, ExcessiveLoad or MissingSettings (or hung waiting for a bogus length).
 pub struct RemoteSettingsStream {
-    stream: Option<StreamUniRemoteH3>,
+    frames: Option<mpsc::Receiver<Result<Frame<'static>, DriverError>>>,
     settings: watch::Sender<Option<Settings>>,
 }
 
 impl RemoteSettingsStream {
     pub fn empty() -> Self {
         Self {
-            stream: None,
+            frames: None,
             settings: watch::channel(None).0,
         }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.stream.is_none()
+        self.frames.is_none()
     }
 
     pub fn set_stream(&mut self, stream: StreamUniRemoteH3) {
         assert!(matches!(stream.kind(), StreamKind::Control));
-        self.stream = Some(stream);
+        let (sender, receiver) = mpsc::channel(1);
+        tokio::spawn(Self::read_frames(stream, sender));
+        self.frames = Some(receiver);
+    }
+
+    /// Reads frames until the stream fails or nobody listens; never cancelled mid-frame.
+    ///
+    /// It also returns as soon as the driver is gone (the receiver dropped), even in the middle
+    /// of a read: the stream it holds keeps the QUIC connection alive, and a connection whose
+    /// driver was dropped (a handshake timed out, say) must close.
+    async fn read_frames(
+        mut stream: StreamUniRemoteH3,
+        frames: mpsc::Sender<Result<Frame<'static>, DriverError>>,
+    ) {
+        loop {
+            let frame = tokio::select! {
+                frame = Self::read_one(&mut stream) => frame,
+                _ = frames.closed() => return,
+            };
+            let failed = frame.is_err();
+            if frames.send(frame).await.is_err() || failed {
+                return;
+            }
+        }
     }
 
     pub fn subscribe(&self) -> RemoteSettingsWatcher {
@@ -125,11 +156,18 @@ impl RemoteSettingsStream {
         }
     }
 
-    async fn read_frame<'a>(&mut self) -> Result<Frame<'a>, DriverError> {
-        let Some(stream) = self.stream.as_mut() else {
+    /// The next frame from the reader task: cancel-safe (a channel receive).
+    async fn read_frame(&mut self) -> Result<Frame<'static>, DriverError> {
+        let Some(frames) = self.frames.as_mut() else {
             return pending().await;
         };
+        frames
+            .recv()
+            .await
+            .unwrap_or(Err(DriverError::NotConnected))
+    }
 
+    async fn read_one(stream: &mut StreamUniRemoteH3) -> Result<Frame<'static>, DriverError> {
         match stream.read_frame().await {
             Ok(frame) => Ok(frame),
             Err(ProtoReadError::H3(error_code)) => Err(DriverError::Proto(error_code)),
