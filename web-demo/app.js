@@ -322,7 +322,13 @@ async function openWebTransport(config) {
         const reader = stream.getReader();
         for (;;) {
           const { value, done: end } = await reader.read();
-          if (end) return;
+          if (end) {
+            // The server finishes the stream only after its Goodbye, which has now been read:
+            // end the session from this side, before the server's close could abort the stream
+            // with bytes still unread (PROTOCOL.md section 8.1).
+            try { wt.close({ closeCode: CloseCode.Normal, reason: 'goodbye received' }); } catch { /* closed */ }
+            return;
+          }
           sink(value);
         }
       })();

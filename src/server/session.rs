@@ -385,11 +385,17 @@ async fn goodbye(conn: &Connection, stream: &mut SendStream, code: CloseCode, re
     };
     if frame.encode_frame(&mut buf).is_ok() {
         // `finish` completes once the client has acknowledged the stream's data.
-        let _ = tokio::time::timeout(GOODBYE_WAIT, async {
+        let acknowledged = tokio::time::timeout(GOODBYE_WAIT, async {
             stream.write_all(&buf).await?;
             stream.finish().await
         })
         .await;
+        if matches!(acknowledged, Ok(Ok(()))) {
+            // Acknowledged is not read: a browser discards stream bytes its page has not read
+            // yet when the session closes. Give the client a moment to read the Goodbye and end
+            // the session itself (the page does when the stream ends).
+            let _ = tokio::time::timeout(GOODBYE_WAIT, conn.closed()).await;
+        }
     }
     conn.close(VarInt::from_u32(code.code()), reason.as_bytes());
 }
