@@ -93,9 +93,12 @@ pub fn serve_with(
     let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let deadline = Instant::now() + Duration::from_secs(20);
     while wt.is_none() || http.is_none() {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("server printed its URLs");
+        let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) else {
+            // Never leave the server behind when the test fails here.
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the server did not print its URLs within 20 s");
+        };
         log.lock().unwrap().push(line.clone());
         assert!(
             !(expect_reuse && line.contains("generated")),
