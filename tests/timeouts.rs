@@ -67,6 +67,21 @@ async fn closed_within(
     (reason, started.elapsed())
 }
 
+/// Waits for the server to close `conn` at its 1 s `--handshake-timeout`: not sooner, not by
+/// the client's own idle timeout, and counted as a failed handshake.
+async fn closed_by_the_one_second_handshake_timeout(conn: &quinn::Connection, ts: &TestServer) {
+    let (reason, after) = closed_within(conn, Duration::from_secs(5)).await;
+    assert!(
+        after >= Duration::from_millis(800),
+        "closed after {after:?}: {reason}"
+    );
+    assert!(
+        !matches!(reason, quinn::ConnectionError::TimedOut),
+        "the client timed out itself: {reason}"
+    );
+    assert_eq!(ts.counter("handshake_failed"), 1);
+}
+
 #[tokio::test]
 async fn a_client_that_never_sends_connect_is_closed_at_the_handshake_timeout() {
     let ts = TestServer::start(|a| {
@@ -77,16 +92,7 @@ async fn a_client_that_never_sends_connect_is_closed_at_the_handshake_timeout() 
     // Keep-alives every 200 ms: only the handshake timeout can end this connection.
     let endpoint = raw_quic_endpoint(&ts, Some(Duration::from_millis(200)));
     let conn = raw_connect(&endpoint, &ts).await;
-    let (reason, after) = closed_within(&conn, Duration::from_secs(5)).await;
-    assert!(
-        after >= Duration::from_millis(800),
-        "closed after {after:?}: {reason}"
-    );
-    assert!(
-        !matches!(reason, quinn::ConnectionError::TimedOut),
-        "the client timed out itself: {reason}"
-    );
-    assert_eq!(ts.counter("handshake_failed"), 1);
+    closed_by_the_one_second_handshake_timeout(&conn, &ts).await;
     // Its handshake slot (the only one) is free again: a real session opens.
     let (_ep, mut session) = ts.open().await;
     let _ = common::initial_state(&mut session).await;
@@ -110,16 +116,7 @@ async fn a_client_that_sends_settings_but_never_connect_is_closed_at_the_handsha
         .unwrap();
     let mut control = conn.open_uni().await.unwrap();
     control.write_all(&bytes).await.unwrap();
-    let (reason, after) = closed_within(&conn, Duration::from_secs(5)).await;
-    assert!(
-        after >= Duration::from_millis(800),
-        "closed after {after:?}: {reason}"
-    );
-    assert!(
-        !matches!(reason, quinn::ConnectionError::TimedOut),
-        "the client timed out itself: {reason}"
-    );
-    assert_eq!(ts.counter("handshake_failed"), 1);
+    closed_by_the_one_second_handshake_timeout(&conn, &ts).await;
 }
 
 /// Sends what a WebTransport client sends first: an HTTP/3 control stream with its SETTINGS,
