@@ -215,6 +215,15 @@ pub fn https_config(
     Ok(config)
 }
 
+/// TLS for the fan-out engine's QUIC endpoint: TLS 1.3 (QUIC needs it), ALPN `h3`.
+pub fn quic_config(
+    identity: &Identity,
+) -> std::result::Result<rustls::ServerConfig, rustls::Error> {
+    let mut config = tls_config(identity, &[&rustls::version::TLS13])?;
+    config.alpn_protocols = vec![b"h3".to_vec()];
+    Ok(config)
+}
+
 fn tls_config(
     identity: &Identity,
     versions: &[&'static rustls::SupportedProtocolVersion],

@@ -11,6 +11,12 @@ use tracing::{debug, warn};
 /// The kernel default (~208 KiB) drops datagrams from about a hundred sessions on; the kernel
 /// may grant less than asked (`net.core.rmem_max`), which is logged.
 pub fn bind_udp(addr: SocketAddr, buffer: usize) -> Result<UdpSocket> {
+    bind_udp_shared(addr, buffer, false)
+}
+
+/// [`bind_udp`], with `SO_REUSEPORT` when `reuse_port`: several sockets of this process then
+/// share the port, and the kernel spreads clients over them by address and port.
+pub fn bind_udp_shared(addr: SocketAddr, buffer: usize, reuse_port: bool) -> Result<UdpSocket> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {
         // Chromium dials ::1 for localhost while other clients use 127.0.0.1: take both.
@@ -33,6 +39,16 @@ pub fn bind_udp(addr: SocketAddr, buffer: usize) -> Result<UdpSocket> {
         );
     } else {
         debug!("UDP buffers: {granted_recv} B receive, {granted_send} B send");
+    }
+    #[cfg(unix)]
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    #[cfg(not(unix))]
+    if reuse_port {
+        anyhow::bail!(
+            "several shards need SO_REUSEPORT, which this platform lacks: use --shards 1"
+        );
     }
     socket
         .bind(&addr.into())

@@ -121,7 +121,11 @@ async fn a_client_that_sends_settings_but_never_connect_is_closed_at_the_handsha
 
 /// Sends what a WebTransport client sends first: an HTTP/3 control stream with its SETTINGS,
 /// and a CONNECT request for `path` on a new request stream (kept open, as a session's is).
-async fn send_connect(conn: &quinn::Connection, ts: &TestServer, path: &str) -> quinn::SendStream {
+async fn send_connect(
+    conn: &quinn::Connection,
+    ts: &TestServer,
+    path: &str,
+) -> (quinn::SendStream, quinn::RecvStream) {
     use wtransport_proto::session::SessionRequest;
     use wtransport_proto::settings::Settings;
     let mut control = vec![0x00]; // control stream type
@@ -143,11 +147,11 @@ async fn send_connect(conn: &quinn::Connection, ts: &TestServer, path: &str) -> 
         .generate_frame()
         .write(&mut request)
         .unwrap();
-    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    let (mut send, recv) = conn.open_bi().await.unwrap();
     send.write_all(&request).await.unwrap();
     // The control stream must stay open for the connection's life.
     std::mem::forget(stream);
-    send
+    (send, recv)
 }
 
 /// Bytes the server sends on its own streams (HTTP/3 control and QPACK streams) before any
@@ -188,6 +192,8 @@ async fn unanswerable_connect(ts: &TestServer, path: &str) -> (quinn::Endpoint, 
         t.stream_receive_window(credit.into());
     });
     let conn = raw_connect(&endpoint, ts).await;
+    // Neither finished nor stopped (dropping the receiving half would send STOP_SENDING,
+    // which ends the exchange at once): the answer just never fits.
     let request = send_connect(&conn, ts, path).await;
     std::mem::forget(request);
     (endpoint, conn)

@@ -223,9 +223,21 @@ pub struct ServeArgs {
     #[arg(long, env = "FLEETCAST_DANGER_MAX_OPEN_FILES", hide = true)]
     pub danger_max_open_files: Option<u64>,
 
-    /// UDP socket send and receive buffer to ask the kernel for.
+    /// UDP socket send and receive buffer to ask the kernel for (per socket: per shard with
+    /// `--engine proto`).
     #[arg(long, env = "FLEETCAST_UDP_BUFFER", default_value = "4MiB", value_parser = parse_bytes)]
     pub udp_buffer: usize,
+
+    /// The WebTransport server: `proto`, fleetcast's own engine on quinn-proto (shards with
+    /// batched sends, CLOSE_WEBTRANSPORT_SESSION), or `quinn`, the wtransport server with one
+    /// task per connection.
+    #[arg(long, env = "FLEETCAST_ENGINE", value_enum, default_value_t = Engine::Proto)]
+    pub engine: Engine,
+
+    /// Shards of `--engine proto`: event loops, each on its own thread with its own UDP socket
+    /// (default: one per core).
+    #[arg(long, env = "FLEETCAST_SHARDS", value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub shards: Option<u16>,
 
     /// Per-session QUIC datagram send queue; when full the oldest datagram is dropped.
     #[arg(long, env = "FLEETCAST_DATAGRAM_SEND_BUFFER", default_value = "32KiB",
@@ -404,6 +416,15 @@ impl ServeArgs {
         args.cert_dir = cert_dir;
         args
     }
+}
+
+/// Which WebTransport server runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Engine {
+    /// fleetcast's own QUIC, HTTP/3 and WebTransport server on quinn-proto.
+    Proto,
+    /// wtransport on quinn: one task per connection.
+    Quinn,
 }
 
 /// Which sources fill the fleet state.

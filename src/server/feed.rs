@@ -231,9 +231,23 @@ pub(crate) async fn run(
         // waits for it on the tick channel and never counts it as missed.
         let mut encoder = TickEncoder::new(tick, time_us, &cars);
         publish_websocket_tick(&shared, &mut encoder);
+        // The engine's shards (`--engine proto`) encode and send it on their own threads.
+        shared.engine_ticks.send_if_modified(|newest| {
+            let listening = shared.engine_ticks.receiver_count() > 0;
+            if listening {
+                *newest = Some(Arc::new(super::engine::EngineTick {
+                    tick,
+                    time_us,
+                    cars: cars.clone(),
+                }));
+            }
+            listening
+        });
         let started = std::time::Instant::now();
         let sent = fan_out(&shared, &mut encoder).await;
-        shared.stats.fanout_seconds.observe(started.elapsed());
+        if shared.engine_ticks.receiver_count() == 0 {
+            shared.stats.fanout_seconds.observe(started.elapsed());
+        }
         Stats::inc(&shared.stats.ticks);
         shared.tick_health.beat();
         trace!(tick, sent, elapsed = ?started.elapsed(), "tick fanned out");
@@ -250,7 +264,7 @@ type EncodingKey = (Arc<[u8]>, usize);
 /// Encodes one tick at most once per payload budget, and frames each encoding at most once per
 /// header (WebTransport quarter stream id, WebSocket channel byte). Nearly every session of a
 /// tick gets the very same `Bytes`.
-struct TickEncoder<'a> {
+pub(crate) struct TickEncoder<'a> {
     tick: u64,
     time_us: u64,
     cars: &'a [CarSample],
@@ -259,7 +273,7 @@ struct TickEncoder<'a> {
 }
 
 impl<'a> TickEncoder<'a> {
-    fn new(tick: u64, time_us: u64, cars: &'a [CarSample]) -> Self {
+    pub(crate) fn new(tick: u64, time_us: u64, cars: &'a [CarSample]) -> Self {
         Self {
             tick,
             time_us,
@@ -271,7 +285,7 @@ impl<'a> TickEncoder<'a> {
 
     /// The tick's datagrams under `budget`, each prefixed with `header`; `None` if the tick
     /// cannot be packed into that budget (logged once).
-    fn framed(&mut self, header: &Arc<[u8]>, budget: usize) -> Option<Encoded> {
+    pub(crate) fn framed(&mut self, header: &Arc<[u8]>, budget: usize) -> Option<Encoded> {
         let key = (header.clone(), budget);
         if let Some(done) = self.framed.get(&key) {
             return done.clone();
@@ -306,7 +320,7 @@ impl<'a> TickEncoder<'a> {
     }
 
     /// Distinct payload budgets encoded so far.
-    fn budgets(&self) -> usize {
+    pub(crate) fn budgets(&self) -> usize {
         self.packed.len()
     }
 }

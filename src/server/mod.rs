@@ -6,7 +6,9 @@
 //! - `feed`: the tick loop (on its own thread): reads the fleet state (written by the
 //!   simulator and the publishers), encodes each tick once, fans it out.
 //! - `ingest`: position publishers: `POST /v1/positions`, `/v1/publish.ws`, `/v1/cars`.
-//! - `session`: one task per WebTransport session: initial state, roster events, close codes.
+//! - `engine`: the WebTransport server (`--engine proto`, the default): shards on quinn-proto,
+//!   each an event loop owning its socket and connections, with its own HTTP/3 layer.
+//! - `session`: the wtransport server (`--engine quinn`): one task per session.
 //! - `admission`: session slots, per-address limits and handshake pacing for both transports.
 //! - `http`: certificate hash, health, road network, page config and the web demo over HTTP.
 //! - `ws`: the WebSocket fallback on the HTTP port: the same frames and datagram payloads.
@@ -19,6 +21,7 @@
 
 mod admission;
 pub mod config;
+mod engine;
 mod feed;
 mod http;
 mod ingest;
@@ -128,6 +131,28 @@ pub(crate) struct Shared {
     pub tick_gate: tokio::sync::Mutex<()>,
     /// Set by a test to make the tick loop panic at its next tick.
     pub tick_panic: std::sync::atomic::AtomicBool,
+    /// The newest tick for the engine's shards (`--engine proto`).
+    pub engine_ticks: watch::Sender<Option<Arc<engine::EngineTick>>>,
+}
+
+/// The QUIC side of the server: whichever engine serves WebTransport.
+pub(crate) enum QuicFront {
+    Quinn(Arc<ServerEndpoint>),
+    Proto(engine::Engine),
+}
+
+impl QuicFront {
+    /// Serves `identity` to new connections from now on; open ones keep theirs.
+    pub(crate) fn install(&self, identity: &wtransport::Identity, args: &ServeArgs) -> Result<()> {
+        match self {
+            QuicFront::Quinn(endpoint) => {
+                let config = net::reload_config(identity.clone_identity(), args)?;
+                endpoint.reload_config(config, false)?;
+            }
+            QuicFront::Proto(engine) => engine.install(identity, args)?,
+        }
+        Ok(())
+    }
 }
 
 impl Shared {
@@ -233,10 +258,36 @@ impl Server {
             Some(_) => Some(std::sync::RwLock::new(tls_acceptor(&identity.identity)?)),
             None => None,
         };
-        let socket = crate::udp::bind_udp(args.wt_listen, args.udp_buffer)?;
-        let server_config = net::server_config(socket, identity.identity, &args)?;
-        let endpoint = Arc::new(Endpoint::server(server_config).context("starting QUIC endpoint")?);
-        let wt_addr = endpoint.local_addr()?;
+        // Bound first: the shared state carries the port.
+        enum Listening {
+            Quinn(Arc<ServerEndpoint>),
+            Proto(engine::Bound),
+        }
+        let listening = match args.engine {
+            config::Engine::Quinn => {
+                let socket = crate::udp::bind_udp(args.wt_listen, args.udp_buffer)?;
+                let server_config =
+                    net::server_config(socket, identity.identity.clone_identity(), &args)?;
+                Listening::Quinn(Arc::new(
+                    Endpoint::server(server_config).context("starting QUIC endpoint")?,
+                ))
+            }
+            config::Engine::Proto => {
+                let shards = args
+                    .shards
+                    .map(usize::from)
+                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+                Listening::Proto(engine::Bound::bind(
+                    args.wt_listen,
+                    args.udp_buffer,
+                    shards,
+                )?)
+            }
+        };
+        let wt_addr = match &listening {
+            Listening::Quinn(endpoint) => endpoint.local_addr()?,
+            Listening::Proto(bound) => bound.local_addr,
+        };
 
         let http_listener = tokio::net::TcpListener::bind(args.http_listen)
             .await
@@ -293,6 +344,7 @@ impl Server {
             tick_health: feed::TickHealth::default(),
             tick_gate: tokio::sync::Mutex::new(()),
             tick_panic: std::sync::atomic::AtomicBool::new(false),
+            engine_ticks: watch::Sender::new(None),
             args,
         });
 
@@ -323,9 +375,22 @@ impl Server {
             tracker.clone(),
         ));
 
+        let (front, shards) = match listening {
+            Listening::Quinn(endpoint) => (QuicFront::Quinn(endpoint), Vec::new()),
+            Listening::Proto(bound) => {
+                let (engine, threads) = engine::Engine::start(
+                    bound,
+                    shared.clone(),
+                    &identity.identity,
+                    token.clone(),
+                )?;
+                (QuicFront::Proto(engine), threads)
+            }
+        };
+        let front = Arc::new(front);
         let rotation = tokio::spawn(rotation::run(
             shared.clone(),
-            endpoint.clone(),
+            front.clone(),
             identity.not_after,
             token.clone(),
         ));
@@ -333,19 +398,37 @@ impl Server {
         let done = tokio::spawn({
             let shared = shared.clone();
             async move {
-                session::accept_loop(&endpoint, &shared, &tracker, &accept_token).await;
-                // The accept loop has returned, so closing the endpoint cannot race accept().
-                tracker.close();
-                let grace = shared.args.shutdown_timeout;
-                if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-                    warn!(
-                        "{} sessions still open after {:?}; closing them",
-                        shared.sessions.load(Ordering::Relaxed),
-                        grace
-                    );
+                match &*front {
+                    QuicFront::Quinn(endpoint) => {
+                        session::accept_loop(endpoint, &shared, &tracker, &accept_token).await;
+                        // The accept loop has returned, so closing the endpoint cannot race
+                        // accept().
+                        tracker.close();
+                        let grace = shared.args.shutdown_timeout;
+                        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+                            warn!(
+                                "{} sessions still open after {:?}; closing them",
+                                shared.sessions.load(Ordering::Relaxed),
+                                grace
+                            );
+                        }
+                        endpoint.close(CloseCode::GoingAway.code().into(), b"server shutting down");
+                        let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle())
+                            .await;
+                    }
+                    QuicFront::Proto(_) => {
+                        // Each shard says goodbye to its sessions and returns once they are
+                        // closed or --shutdown-timeout has passed.
+                        accept_token.cancelled().await;
+                        tracker.close();
+                        let _ = tokio::task::spawn_blocking(move || {
+                            for shard in shards {
+                                let _ = shard.join();
+                            }
+                        })
+                        .await;
+                    }
                 }
-                endpoint.close(CloseCode::GoingAway.code().into(), b"server shutting down");
-                let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
                 let _ = http.await;
                 let _ = rotation.await;
                 // The token is cancelled, so the tick loop is returning.

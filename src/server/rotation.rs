@@ -15,13 +15,13 @@ use anyhow::Result;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{net, ServerEndpoint, Shared};
+use super::{QuicFront, Shared};
 use crate::certs::{self, Rotation, ServerIdentity};
 
 /// Renews or reloads the endpoint's certificate until `token` is cancelled.
 pub(crate) async fn run(
     shared: Arc<Shared>,
-    endpoint: Arc<ServerEndpoint>,
+    endpoint: Arc<QuicFront>,
     not_after: SystemTime,
     token: CancellationToken,
 ) {
@@ -37,13 +37,12 @@ pub(crate) async fn run(
 }
 
 /// Makes the endpoint serve `identity` to new connections.
-fn install(shared: &Shared, endpoint: &ServerEndpoint, identity: &ServerIdentity) -> Result<()> {
-    let config = net::reload_config(identity.identity.clone_identity(), &shared.args)?;
+fn install(shared: &Shared, endpoint: &QuicFront, identity: &ServerIdentity) -> Result<()> {
     let https = match &shared.https {
         Some(_) => Some(super::tls_acceptor(&identity.identity)?),
         None => None,
     };
-    endpoint.reload_config(config, false)?;
+    endpoint.install(&identity.identity, &shared.args)?;
     if let (Some(slot), Some(acceptor)) = (&shared.https, https) {
         *slot.write().expect("https lock poisoned") = acceptor;
     }
@@ -52,7 +51,7 @@ fn install(shared: &Shared, endpoint: &ServerEndpoint, identity: &ServerIdentity
 
 async fn renew_self_signed(
     shared: &Shared,
-    endpoint: &ServerEndpoint,
+    endpoint: &QuicFront,
     mut not_after: SystemTime,
     token: &CancellationToken,
 ) -> Result<()> {
@@ -100,7 +99,7 @@ async fn renew_self_signed(
 
 async fn reload_files(
     shared: &Shared,
-    endpoint: &ServerEndpoint,
+    endpoint: &QuicFront,
     cert: PathBuf,
     key: PathBuf,
     token: &CancellationToken,

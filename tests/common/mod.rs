@@ -23,6 +23,11 @@ pub struct TestServer {
 impl TestServer {
     /// Starts a server with 100 cars and fast ticks; `tweak` adjusts the options.
     pub async fn start(tweak: impl FnOnce(&mut ServeArgs)) -> TestServer {
+        // RUST_LOG=fleetcast=debug shows the server's log with a failing test's output.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         let dir = tempfile::tempdir().expect("temp dir");
         let mut args = ServeArgs::ephemeral(dir.path().to_path_buf());
         args.tick_ms = 100;
