@@ -168,6 +168,16 @@ pub(crate) fn render(shared: &Shared) -> String {
         get(&s.reencoded_ticks),
     );
 
+    let name = "fleetcast_packets_forwarded_total";
+    o.family(
+        name,
+        "counter",
+        "Packets a shard received for another shard's connection (the client's address changed), \
+         by result: forwarded to the owning shard, or dropped (its queue was full).",
+    );
+    o.sample(name, "result=\"forwarded\"", get(&s.packets_forwarded));
+    o.sample(name, "result=\"dropped\"", get(&s.packets_forward_dropped));
+
     o.family("fleetcast_ticks_total", "counter", "Ticks produced.");
     o.sample("fleetcast_ticks_total", "", get(&s.ticks));
     o.family("fleetcast_cars", "gauge", "Cars in the newest tick.");

@@ -77,6 +77,11 @@ counters! {
     closed_slow,
     /// Sessions closed at shutdown.
     closed_going_away,
+    /// Packets a shard received for a connection of another shard (the client's address
+    /// changed: NAT rebinding, migration) and handed to it (`--engine proto`).
+    packets_forwarded,
+    /// Packets for another shard dropped because its queue was full.
+    packets_forward_dropped,
     /// Datagrams handed to QUIC.
     datagrams_sent,
     /// Payload bytes of those datagrams (with the WebTransport header).

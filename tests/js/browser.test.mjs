@@ -183,6 +183,42 @@ test('WebTransport: connects, shows every car, applies ticks, draws them', async
   }
 });
 
+test('a session the server closes shows its close code and reason in the page', async () => {
+  // The server ends a session with CLOSE_WEBTRANSPORT_SESSION, so the browser's
+  // `WebTransport.closed` resolves with the server's code and reason (PROTOCOL.md section 8).
+  // To make it close one, the page breaks protocol v1: it sends a datagram.
+  const server = await startServer();
+  const { context, page, console } = await newPage();
+  await context.addInitScript(() => {
+    const Original = window.WebTransport;
+    window.__sessions = [];
+    window.WebTransport = class extends Original {
+      constructor(...args) {
+        super(...args);
+        window.__sessions.push(this);
+      }
+    };
+  });
+  try {
+    await page.goto(server.url);
+    await waitLive(page, 'webtransport', 2, console);
+    await page.evaluate(async () => {
+      const writer = window.__sessions.at(-1).datagrams.writable.getWriter();
+      await writer.write(new Uint8Array([1, 2, 3]));
+    });
+    await page.waitForFunction(() => window.fleetcast.lastClose !== null, null, { timeout: WAIT_MS });
+    const f = await fleetcast(page);
+    assert.equal(f.lastClose.code, 2, `ProtocolViolation: ${JSON.stringify(f.lastClose)}`);
+    assert.match(f.lastClose.reason, /clients must not send datagrams/);
+    // And the page carries on with a new session.
+    await page.waitForFunction(() => window.fleetcast.sessions >= 2 && window.fleetcast.connected, null,
+      { timeout: WAIT_MS });
+  } finally {
+    await context.close();
+    await stopServer(server);
+  }
+});
+
 test('WebSocket forced with ?transport=websocket', async () => {
   const server = await startServer();
   const { context, page, console } = await newPage();

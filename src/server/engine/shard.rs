@@ -432,12 +432,18 @@ impl Shard {
             if target != self.index {
                 // A client whose address changed (NAT rebinding, migration) reaches another
                 // shard's socket: hand the packet to the shard that owns its connection.
-                let _ = self.peers[target].try_send(Command::Packet {
+                let forwarded = self.peers[target].try_send(Command::Packet {
                     remote,
                     dst_ip,
                     ecn,
                     data,
                 });
+                let stats = &self.shared.stats;
+                match forwarded {
+                    Ok(()) => Stats::inc(&stats.packets_forwarded),
+                    // Lost like any packet: QUIC retransmits what mattered.
+                    Err(_) => Stats::inc(&stats.packets_forward_dropped),
+                }
                 return;
             }
         }
