@@ -10,7 +10,9 @@ from pathlib import Path
 
 raw, out_md, out_png = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 
-ORDER = ["wt-1k", "wt-10k", "wt-20k", "wt-50k", "wt-10k-10hz", "ws-1k", "ws-10k", "ws-10k-10hz",
+ORDER = ["wt-1k", "wt-10k", "wt-20k", "wt-50k", "wt-10k-10hz",
+         "wtq-1k", "wtq-10k", "wtq-20k", "wtq-10k-10hz",
+         "ws-1k", "ws-10k", "ws-10k-10hz",
          "wt-1k-loss0", "wt-1k-loss5", "ws-1k-loss0", "ws-1k-loss5"]
 
 
@@ -38,8 +40,11 @@ for name in ORDER:
     s = r.get("server") or {}
     rate = "10 Hz" if "10hz" in name else "1 Hz"
     lat, age = r["latency_ms"], r["position_age_ms"]
+    transport = r["transport"]
+    if transport == "webtransport":
+        transport += " (quinn)" if name.startswith("wtq-") else " (proto)"
     rows.append(
-        f"| {name} | {r['transport']} | {r['sessions_requested']:,} @ {rate} "
+        f"| {name} | {transport} | {r['sessions_requested']:,} @ {rate} "
         f"| {r['sessions_connected']:,} | {r.get('sessions_lost', 0):,} | {r['connect_seconds']:.1f} "
         f"| {r['delivery_ratio']*100:.2f} % "
         f"| {lat['p50']:.1f} / {lat['p99']:.1f} / {lat['max']:.1f} "
@@ -71,7 +76,8 @@ except ImportError:
     sys.exit(0)
 
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-for prefix, label, marker in [("wt", "WebTransport", "o"), ("ws", "WebSocket", "s")]:
+for prefix, label, marker in [("wt", "WebTransport (proto)", "o"), ("wtq", "WebTransport (quinn)", "^"),
+                              ("ws", "WebSocket", "s")]:
     xs, p50, p99, cpu_us = [], [], [], []
     for n in ["1k", "10k", "20k", "50k"]:
         r = load(f"{prefix}-{n}")

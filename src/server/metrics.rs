@@ -168,6 +168,14 @@ pub(crate) fn render(shared: &Shared) -> String {
         get(&s.reencoded_ticks),
     );
 
+    let name = "fleetcast_udp_datagrams_total";
+    o.family(
+        name,
+        "counter",
+        "UDP datagrams the WebTransport engine sent and received (--engine proto).",
+    );
+    o.sample(name, "direction=\"sent\"", get(&s.udp_sent));
+    o.sample(name, "direction=\"received\"", get(&s.udp_received));
     let name = "fleetcast_packets_forwarded_total";
     o.family(
         name,

@@ -77,6 +77,10 @@ counters! {
     closed_slow,
     /// Sessions closed at shutdown.
     closed_going_away,
+    /// UDP datagrams the engine's shards sent (QUIC packets, coalesced ones counted once).
+    udp_sent,
+    /// UDP datagrams the engine's shards received.
+    udp_received,
     /// Packets a shard received for a connection of another shard (the client's address
     /// changed: NAT rebinding, migration) and handed to it (`--engine proto`).
     packets_forwarded,

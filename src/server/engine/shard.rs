@@ -265,11 +265,20 @@ impl Shard {
         // The instant the sleep is set for; far away when nothing is due.
         let far = || Instant::now() + Duration::from_secs(3600);
         let mut armed = far();
+        // After a read, the socket is not watched for `read_pause`: packets that arrive
+        // meanwhile (a tick's ACKs from thousands of clients trickle in over ~25 ms) are read
+        // in one batch when it ends, instead of waking the thread for each.
+        let read_pause = self.shared.args.read_pause;
+        let mut reads_paused_until: Option<Instant> = None;
         loop {
             if self.closing.is_some() && self.done_closing() {
                 break;
             }
-            let next = match self.next_deadline() {
+            let due = match (self.next_deadline(), reads_paused_until) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let next = match due {
                 Some(due) => due,
                 None if armed > Instant::now() + Duration::from_secs(1800) => armed,
                 None => far(),
@@ -282,9 +291,9 @@ impl Shard {
             tokio::select! {
                 biased;
                 _ = self.token.cancelled(), if serving => self.begin_shutdown(),
-                ready = self.socket.readable() => {
-                    if ready.is_ok() {
-                        self.read_socket(usize::MAX);
+                ready = self.socket.readable(), if reads_paused_until.is_none() => {
+                    if ready.is_ok() && self.read_socket(usize::MAX) > 0 && !read_pause.is_zero() {
+                        reads_paused_until = Some(Instant::now() + read_pause);
                     }
                 }
                 changed = self.ticks.changed(), if serving => {
@@ -309,6 +318,12 @@ impl Shard {
                     }
                 }
                 _ = &mut sleep => {
+                    if reads_paused_until.is_some_and(|t| Instant::now() >= t) {
+                        reads_paused_until = None;
+                        if self.read_socket(usize::MAX) > 0 {
+                            reads_paused_until = Some(Instant::now() + read_pause);
+                        }
+                    }
                     self.fire_timers(Instant::now());
                     // Re-armed above, whatever is due next.
                     armed = far();
@@ -326,8 +341,10 @@ impl Shard {
 
     // ---- sockets ----
 
-    /// Reads and handles up to `limit` batches of packets (until the socket is empty).
-    fn read_socket(&mut self, limit: usize) {
+    /// Reads and handles up to `limit` batches of packets (until the socket is empty); returns
+    /// how many datagrams it read.
+    fn read_socket(&mut self, limit: usize) -> usize {
+        let mut read = 0;
         let mut bufs = std::mem::take(&mut self.recv_bufs);
         let mut metas = [quinn_udp::RecvMeta::default(); quinn_udp::BATCH_SIZE];
         for _ in 0..limit {
@@ -348,6 +365,7 @@ impl Shard {
                     }
                 }
             };
+            read += n;
             let now = Instant::now();
             for (meta, buf) in metas.iter().zip(bufs.iter()).take(n) {
                 let ecn = meta.ecn.and_then(|e| EcnCodepoint::from_bits(e as u8));
@@ -359,6 +377,8 @@ impl Shard {
             self.process_dirty();
         }
         self.recv_bufs = bufs;
+        Stats::add(&self.shared.stats.udp_received, read as u64);
+        read
     }
 
     /// Writes the collected packets.
@@ -390,6 +410,16 @@ impl Shard {
                 }
             }
         }
+        let segments: usize = self
+            .out
+            .items
+            .iter()
+            .map(|item| match item.segment_size {
+                Some(size) if size > 0 => item.len.div_ceil(size),
+                _ => 1,
+            })
+            .sum();
+        Stats::add(&self.shared.stats.udp_sent, segments as u64);
         self.out.items.clear();
         self.out.buf.clear();
     }
