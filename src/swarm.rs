@@ -219,8 +219,9 @@ pub struct SwarmReport {
     pub bytes: u64,
     /// Tick-to-receipt latency (receive time minus the tick's server time).
     pub latency_ms: SwarmLatency,
-    /// Age of the newest position each session held, sampled every 100 ms over the window
-    /// (sample time minus the newest received tick's server time).
+    /// Age of the newest position each session held, sampled about every 100 ms (at times out
+    /// of phase with the tick) over the window: sample time minus the newest received tick's
+    /// server time.
     pub position_age_ms: SwarmLatency,
     /// Server figures from its `/metrics`, when reachable.
     pub server: Option<ServerFigures>,
@@ -814,11 +815,15 @@ async fn churn(
     }
 }
 
-/// Samples, every 100 ms from one second into the window (or into the session's life, if it
-/// opened later) until the window or the session ends, how old each session's newest position
-/// was: the sample time minus the server time of the newest tick received by then.
+/// Samples, about every 100 ms from one second into the window (or into the session's life, if
+/// it opened later) until the window or the session ends, how old each session's newest
+/// position was: the sample time minus the server time of the newest tick received by then.
+///
+/// The samples are not on a grid: sample `k` falls at `k × 100 ms` plus a low-discrepancy offset
+/// within its 100 ms ([`sample_offset_us`]). A plain 100 ms grid is in phase with a 1 s tick and
+/// sees only ten phases of it, so a fixed delivery delay gave ten distinct ages instead of the
+/// spread a browser sampling at a random moment sees.
 fn position_age(records: &[Record], start_us: u64, end_us: u64) -> SwarmLatency {
-    const STEP_US: u64 = 100_000;
     let mut hist = LatencyHistogram::default();
     for r in records {
         // (receive time, tick time), by receive time.
@@ -832,9 +837,13 @@ fn position_age(records: &[Record], start_us: u64, end_us: u64) -> SwarmLatency 
         let mut newest = None::<u64>;
         let mut next = 0;
         // Only while the session was open (the churn opens and closes sessions in the window).
-        let mut t = (start_us + 1_000_000).max(r.from_us.saturating_add(1_000_000));
+        let first = (start_us + 1_000_000).max(r.from_us.saturating_add(1_000_000));
         let end_us = end_us.min(r.to_us);
-        while t < end_us {
+        for k in 0u64.. {
+            let t = first + k * AGE_STEP_US + sample_offset_us(k);
+            if t >= end_us {
+                break;
+            }
             while next < arrivals.len() && arrivals[next].0 <= t {
                 newest = Some(newest.map_or(arrivals[next].1, |n: u64| n.max(arrivals[next].1)));
                 next += 1;
@@ -842,10 +851,20 @@ fn position_age(records: &[Record], start_us: u64, end_us: u64) -> SwarmLatency 
             if let Some(n) = newest {
                 hist.record(t.saturating_sub(n));
             }
-            t += STEP_US;
         }
     }
     percentiles(&hist)
+}
+
+/// Mean spacing of position-age samples.
+const AGE_STEP_US: u64 = 100_000;
+
+/// Where in its 100 ms step sample `k` falls: the fractional part of `k × φ` (a Weyl sequence),
+/// so samples cover every phase of any tick interval evenly, and the same records always give
+/// the same report.
+fn sample_offset_us(k: u64) -> u64 {
+    const GOLDEN: f64 = 0.618_033_988_749_894_9;
+    ((k as f64 * GOLDEN).fract() * AGE_STEP_US as f64) as u64
 }
 
 /// p50, p99, p99.9 and max of a histogram of microseconds, in milliseconds (zeros if empty).
@@ -1398,9 +1417,42 @@ mod tests {
         let mut r = record(0, Some(5), &[1, 2, 3, 4]);
         r.latency_us = vec![100_000; 4];
         let age = position_age(&[r], 0, 60_000_000);
-        // At most a tick interval old (histogram precision aside), never the minute after.
-        assert!(age.max <= 1_001.0, "no sample after it closed: {age:?}");
+        // At most a tick interval plus the delay old (histogram precision aside), never the
+        // minute after. (With samples on a 100 ms grid this bound was 1,000 ms: the grid never
+        // looked just before a tick arrived.)
+        assert!(age.max <= 1_101.0, "no sample after it closed: {age:?}");
         assert!(age.p50 >= 100.0, "{age:?}");
+    }
+
+    #[test]
+    fn position_age_sees_every_phase_of_the_tick() {
+        // Ticks every second, each received exactly 100 ms late: a browser looking at a random
+        // moment sees an age spread evenly over 100..1100 ms. A 100 ms grid in phase with the
+        // tick saw only 100, 200, ..., 1000 ms (p50 500, max 1000).
+        let ticks: Vec<u64> = (1..=120).collect();
+        let mut r = record(0, None, &ticks);
+        r.latency_us = vec![100_000; ticks.len()];
+        let age = position_age(&[r], 0, 120_000_000);
+        assert!((580.0..=620.0).contains(&age.p50), "{age:?}");
+        assert!(age.p99 >= 1_070.0 && age.max >= 1_090.0, "{age:?}");
+        assert!(
+            age.max <= 1_101.0,
+            "never older than a tick plus the delay: {age:?}"
+        );
+    }
+
+    #[test]
+    fn sample_offset_stays_inside_its_step_and_spreads() {
+        let offsets: Vec<u64> = (0..1000).map(sample_offset_us).collect();
+        assert!(offsets.iter().all(|&o| o < AGE_STEP_US));
+        // Every tenth of the step holds about a tenth of the samples.
+        for decile in 0..10 {
+            let n = offsets
+                .iter()
+                .filter(|&&o| o / (AGE_STEP_US / 10) == decile)
+                .count();
+            assert!((90..=110).contains(&n), "decile {decile}: {n}");
+        }
     }
 
     #[test]
