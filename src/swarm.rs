@@ -371,7 +371,11 @@ async fn scrape(url: &Option<String>) -> Option<(f64, f64)> {
 impl SwarmReport {
     /// A readable multi-line summary.
     pub fn summary(&self) -> String {
-        let mut text = self.measured_summary();
+        let mut text = String::new();
+        if let Some(warning) = self.incomplete() {
+            text += &format!("WARNING            {warning}\n");
+        }
+        text += &self.measured_summary();
         let reasons = |map: &BTreeMap<String, usize>| {
             map.iter()
                 .map(|(reason, n)| format!("{n} {reason}"))
@@ -414,6 +418,22 @@ impl SwarmReport {
             );
         }
         text
+    }
+
+    /// Says so when sessions did not connect or were lost in the window: the delivery ratio
+    /// leaves out sessions that never connected, so a run must not look complete without them.
+    pub fn incomplete(&self) -> Option<String> {
+        if self.sessions_connected >= self.sessions_requested && self.sessions_lost == 0 {
+            return None;
+        }
+        Some(format!(
+            "only {} of {} sessions connected ({} failed; they are not in the delivery ratio), \
+             {} lost during the run",
+            self.sessions_connected,
+            self.sessions_requested,
+            self.connect_failures,
+            self.sessions_lost
+        ))
     }
 
     fn measured_summary(&self) -> String {
@@ -1422,6 +1442,31 @@ mod tests {
         // looked just before a tick arrived.)
         assert!(age.max <= 1_101.0, "no sample after it closed: {age:?}");
         assert!(age.p50 >= 100.0, "{age:?}");
+    }
+
+    #[test]
+    fn summary_warns_of_sessions_missing_or_lost() {
+        let a = args(&["--duration", "4s", "--sessions", "3"]);
+        let full = report(&a, &[record(0, None, &[1, 2, 3, 4])], 3, 0, 1.0, 1_000_000);
+        assert!(full.incomplete().is_none());
+        assert!(!full.summary().contains("WARNING"));
+        let short = report(&a, &[record(0, None, &[1, 2, 3, 4])], 2, 1, 1.0, 1_000_000);
+        assert!(
+            short.summary().starts_with("WARNING"),
+            "{}",
+            short.summary()
+        );
+        assert!(short
+            .summary()
+            .contains("only 2 of 3 sessions connected (1 failed"));
+        let mut gone = record(0, None, &[1]);
+        gone.lost = true;
+        let lost = report(&a, &[gone], 3, 0, 1.0, 1_000_000);
+        assert!(
+            lost.summary().contains("1 lost during the run"),
+            "{}",
+            lost.summary()
+        );
     }
 
     #[test]
