@@ -32,6 +32,9 @@ use wtransport::endpoint::endpoint_side;
 use wtransport::Endpoint;
 
 use crate::backoff::{Backoff, Jitter};
+
+mod engine;
+mod h3;
 use crate::client::{self, ClientOptions, ConnectArgs, Event, Trust};
 use crate::proto::wire::{
     FrameDecoder, StreamMessage, TickHeader, WS_CHANNEL_DATAGRAM, WS_CHANNEL_STREAM,
@@ -50,6 +53,18 @@ pub enum Transport {
     Websocket,
 }
 
+/// Which client drives the WebTransport sessions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    /// wtransport (on quinn): a tokio task per session, a client endpoint per
+    /// `--sessions-per-endpoint` sessions.
+    Wtransport,
+    /// quinn-proto driven directly: one thread per `--engine-threads` holds thousands of
+    /// sessions, packets read and sent in batches.
+    Proto,
+}
+
 /// `fleetcast swarm` options.
 #[derive(Debug, Clone, Args)]
 pub struct SwarmArgs {
@@ -66,13 +81,28 @@ pub struct SwarmArgs {
     #[arg(long, value_enum, default_value = "webtransport")]
     pub transport: Transport,
 
+    /// WebTransport client: `wtransport` (a task per session) or `proto` (quinn-proto driven
+    /// from a few threads, far less CPU per session).
+    #[arg(
+        long,
+        value_enum,
+        default_value = "wtransport",
+        env = "FLEETCAST_SWARM_ENGINE"
+    )]
+    pub engine: Engine,
+
+    /// Threads of `--engine proto`, each holding its share of the sessions.
+    #[arg(long, default_value_t = 1)]
+    pub engine_threads: usize,
+
     /// Sessions to open.
     #[arg(long, default_value_t = 1000)]
     pub sessions: usize,
 
-    /// Sessions per client endpoint (UDP socket).
-    #[arg(long, default_value_t = 500)]
-    pub sessions_per_endpoint: usize,
+    /// Sessions per client endpoint (UDP socket); default 500 with `--engine wtransport`,
+    /// 1000 with `--engine proto`.
+    #[arg(long)]
+    pub sessions_per_endpoint: Option<usize>,
 
     /// Connection attempts in flight at most.
     #[arg(long, default_value_t = 200)]
@@ -152,6 +182,16 @@ impl SwarmArgs {
         }
     }
 
+    /// Sessions per client endpoint, the engine's default unless given.
+    fn sessions_per_endpoint(&self) -> usize {
+        self.sessions_per_endpoint
+            .unwrap_or(match self.engine {
+                Engine::Wtransport => 500,
+                Engine::Proto => 1000,
+            })
+            .max(1)
+    }
+
     /// Whether attempts after the connect phase are bounded by --attempt-timeout.
     fn timed_attempts(&self) -> bool {
         self.reconnect || self.churn_per_s > 0.0
@@ -184,6 +224,8 @@ pub struct SwarmLatency {
 pub struct SwarmReport {
     /// Transport used.
     pub transport: Transport,
+    /// WebTransport client engine (none for WebSocket).
+    pub engine: Option<Engine>,
     /// Sessions asked for.
     pub sessions_requested: usize,
     /// Sessions open when the measurement started.
@@ -225,6 +267,9 @@ pub struct SwarmReport {
     pub position_age_ms: SwarmLatency,
     /// Server figures from its `/metrics`, when reachable.
     pub server: Option<ServerFigures>,
+    /// The load generator's own CPU and memory over the window (the whole `swarm` process:
+    /// it includes an in-process server when a test runs one).
+    pub load_generator: Option<LoadFigures>,
     /// Attempts after the connect phase (reconnects, churn) that failed, by reason.
     pub attempts_failed_by_reason: BTreeMap<String, usize>,
     /// With `--reconnect`: sessions lost and how long until all were back.
@@ -349,6 +394,41 @@ pub struct ServerFigures {
     pub rss_before_bytes: u64,
     /// (RSS at the end − RSS before) / sessions connected, bytes.
     pub rss_per_session_bytes: f64,
+}
+
+/// The load generator's own cost over the measurement window.
+#[derive(Debug, Clone, Copy, Serialize, Default)]
+pub struct LoadFigures {
+    /// CPU (user + system) of this process during the window, seconds.
+    pub cpu_seconds: f64,
+    /// That CPU per datagram the sessions received in the window, microseconds.
+    pub cpu_us_per_delivered_datagram: f64,
+    /// Resident memory at the end of the window, bytes.
+    pub rss_bytes: u64,
+    /// Resident memory per session connected, bytes (everything the process holds).
+    pub rss_per_session_bytes: f64,
+}
+
+/// This process's CPU time (user + system) so far, seconds.
+fn own_cpu_seconds() -> f64 {
+    // SAFETY: getrusage fills the zeroed struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return 0.0;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
+}
+
+/// This process's resident memory, bytes (0 where /proc is missing).
+fn own_rss_bytes() -> u64 {
+    let pages = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    pages * page.max(0) as u64
 }
 
 /// Reads one unlabelled sample from Prometheus text.
@@ -481,7 +561,18 @@ impl SwarmReport {
                 ),
                 None => String::new(),
             }
-        )
+        ) + &match &self.load_generator {
+            Some(l) => format!(
+                "\nswarm ({})  {:.2} CPU s in the window, {:.2} us per delivered datagram, \
+                 RSS {:.1} MB ({:.1} KB per session)",
+                self.engine.map_or("websocket".into(), |e| format!("{e:?}").to_lowercase()),
+                l.cpu_seconds,
+                l.cpu_us_per_delivered_datagram,
+                l.rss_bytes as f64 / 1e6,
+                l.rss_per_session_bytes / 1e3
+            ),
+            None => String::new(),
+        }
     }
 }
 
@@ -557,11 +648,15 @@ struct Run {
     tick_interval_us: AtomicU64,
     connected: AtomicUsize,
     failed: AtomicUsize,
+    /// Sessions the connect phase started (the proto engine counts them here).
+    started: AtomicUsize,
     /// Failed attempts by reason, over the whole run.
     failures: Mutex<BTreeMap<String, usize>>,
     recovery: Mutex<Recovery>,
     /// Sessions opened by the churn that connected.
     churn_opened: AtomicU64,
+    /// Sessions the proto engine's churn closed.
+    churn_closed: AtomicU64,
     records: Mutex<Vec<Record>>,
     stop: tokio_util::sync::CancellationToken,
 }
@@ -620,6 +715,13 @@ pub async fn run(args: SwarmArgs) -> Result<SwarmReport> {
     if !(args.churn_per_s.is_finite() && args.churn_per_s >= 0.0) {
         bail!("--churn-per-s must be a rate of 0 or more");
     }
+    let proto_engine = args.engine == Engine::Proto;
+    if proto_engine && args.transport != Transport::Webtransport {
+        bail!("--engine proto speaks WebTransport only; use --engine wtransport with --transport websocket");
+    }
+    if args.engine_threads == 0 {
+        bail!("--engine-threads must be at least 1");
+    }
     let trust = match args.transport {
         // The WebSocket fallback is plain ws:// (or TLS through a proxy's own certificate).
         Transport::Websocket => Trust::SystemRoots,
@@ -630,9 +732,11 @@ pub async fn run(args: SwarmArgs) -> Result<SwarmReport> {
         tick_interval_us: AtomicU64::new(0),
         connected: AtomicUsize::new(0),
         failed: AtomicUsize::new(0),
+        started: AtomicUsize::new(0),
         failures: Mutex::default(),
         recovery: Mutex::default(),
         churn_opened: AtomicU64::new(0),
+        churn_closed: AtomicU64::new(0),
         records: Mutex::new(Vec::with_capacity(args.sessions)),
         stop: tokio_util::sync::CancellationToken::new(),
         args,
@@ -640,9 +744,9 @@ pub async fn run(args: SwarmArgs) -> Result<SwarmReport> {
     let args = &run.args;
 
     let mut endpoints = Vec::new();
-    if args.transport == Transport::Webtransport {
-        let count = args.sessions.div_ceil(args.sessions_per_endpoint.max(1));
-        let mut options = ClientOptions::new(trust);
+    if args.transport == Transport::Webtransport && !proto_engine {
+        let count = args.sessions.div_ceil(args.sessions_per_endpoint());
+        let mut options = ClientOptions::new(trust.clone());
         options.udp_buffer = Some(args.udp_buffer);
         // Enough for a few ticks of a large fleet, small enough for thousands of sessions.
         options.datagram_buffer = 64 * 1024;
@@ -650,11 +754,7 @@ pub async fn run(args: SwarmArgs) -> Result<SwarmReport> {
             endpoints.push(Arc::new(client::endpoint(&options)?));
         }
     }
-    let endpoint_of = |i: usize| {
-        endpoints
-            .get(i / args.sessions_per_endpoint.max(1))
-            .cloned()
-    };
+    let endpoint_of = |i: usize| endpoints.get(i / args.sessions_per_endpoint()).cloned();
 
     let metrics_url = args.metrics_url();
     let before = scrape(&metrics_url).await;
@@ -672,7 +772,20 @@ pub async fn run(args: SwarmArgs) -> Result<SwarmReport> {
     // One stop token per session slot, so the churn can close one session.
     let mut slots = Vec::with_capacity(args.sessions);
     let connect_deadline = started + args.connect_timeout;
-    for i in 0..args.sessions {
+    let mut engine_threads = Vec::new();
+    if proto_engine {
+        // The engine threads pace their own connect phase; wait for it like for the tasks.
+        engine_threads = engine::spawn(&run, trust, connect_deadline.into_std())?;
+        while (run.started.load(Ordering::Relaxed) < args.sessions
+            || run.connected.load(Ordering::Relaxed) + run.failed.load(Ordering::Relaxed)
+                < run.started.load(Ordering::Relaxed))
+            && Instant::now() < connect_deadline
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            progress.update(&run);
+        }
+    }
+    for i in (0..args.sessions).filter(|_| !proto_engine) {
         pace.tick().await;
         let Ok(permit) =
             tokio::time::timeout_at(connect_deadline, permits.clone().acquire_owned()).await
@@ -712,11 +825,20 @@ pub async fn run(args: SwarmArgs) -> Result<SwarmReport> {
     );
 
     let at_start = scrape(&metrics_url).await;
+    let own_cpu_at_start = own_cpu_seconds();
     let start_us = now_us();
     let end_us = start_us + args.duration.as_micros() as u64;
     run.window.end_us.store(end_us, Ordering::Relaxed);
     run.window.start_us.store(start_us, Ordering::Relaxed);
-    let churn = if args.churn_per_s > 0.0 && !slots.is_empty() {
+    let churn = if proto_engine && args.churn_per_s > 0.0 {
+        // The engine threads churn their own sessions through the window.
+        tokio::time::sleep(args.duration).await;
+        Some(ChurnReport {
+            per_s: args.churn_per_s,
+            sessions_closed: run.churn_closed.load(Ordering::Relaxed),
+            sessions_opened: run.churn_opened.load(Ordering::Relaxed),
+        })
+    } else if args.churn_per_s > 0.0 && !slots.is_empty() {
         let closed = churn(
             &run,
             &mut slots,
@@ -735,10 +857,18 @@ pub async fn run(args: SwarmArgs) -> Result<SwarmReport> {
         None
     };
     let at_end = scrape(&metrics_url).await;
+    let own_cpu = own_cpu_seconds() - own_cpu_at_start;
+    let own_rss = own_rss_bytes();
     // Datagrams of the window's last tick may still be in flight.
     tokio::time::sleep(Duration::from_millis(500)).await;
     run.stop.cancel();
     while tasks.join_next().await.is_some() {}
+    for thread in engine_threads {
+        tokio::task::spawn_blocking(move || thread.join())
+            .await
+            .context("joining an engine thread")?
+            .map_err(|_| anyhow::anyhow!("a swarm engine thread panicked"))?;
+    }
 
     let records = std::mem::take(&mut *run.records.lock().expect("records lock"));
     let interval_us = run.tick_interval_us.load(Ordering::Relaxed);
@@ -785,6 +915,20 @@ pub async fn run(args: SwarmArgs) -> Result<SwarmReport> {
         });
     }
     report.position_age_ms = position_age(&records, start_us, end_us);
+    report.load_generator = Some(LoadFigures {
+        cpu_seconds: own_cpu,
+        cpu_us_per_delivered_datagram: if report.datagrams > 0 {
+            own_cpu * 1e6 / report.datagrams as f64
+        } else {
+            0.0
+        },
+        rss_bytes: own_rss,
+        rss_per_session_bytes: if connected > 0 {
+            own_rss as f64 / connected as f64
+        } else {
+            0.0
+        },
+    });
     if let (Some(before), Some(start), Some(end)) = (before, at_start, at_end) {
         let cpu = end.0 - start.0;
         report.server = Some(ServerFigures {
@@ -845,6 +989,9 @@ async fn churn(
 /// spread a browser sampling at a random moment sees.
 fn position_age(records: &[Record], start_us: u64, end_us: u64) -> SwarmLatency {
     let mut hist = LatencyHistogram::default();
+    // The offsets' sequence runs on across sessions, so sessions do not all sample the same
+    // instants.
+    let mut j = 0u64;
     for r in records {
         // (receive time, tick time), by receive time.
         let mut arrivals: Vec<(u64, u64)> = r
@@ -860,7 +1007,8 @@ fn position_age(records: &[Record], start_us: u64, end_us: u64) -> SwarmLatency 
         let first = (start_us + 1_000_000).max(r.from_us.saturating_add(1_000_000));
         let end_us = end_us.min(r.to_us);
         for k in 0u64.. {
-            let t = first + k * AGE_STEP_US + sample_offset_us(k);
+            let t = first + k * AGE_STEP_US + sample_offset_us(j);
+            j += 1;
             if t >= end_us {
                 break;
             }
@@ -963,6 +1111,7 @@ fn report(
     expected += never_sent * parts_per_tick * whole_window;
     SwarmReport {
         transport: args.transport,
+        engine: (args.transport == Transport::Webtransport).then_some(args.engine),
         sessions_requested: args.sessions,
         sessions_connected: connected,
         connect_failures: failed,
@@ -985,6 +1134,7 @@ fn report(
         bytes,
         position_age_ms: SwarmLatency::default(),
         server: None,
+        load_generator: None,
         latency_ms: percentiles(&hist),
         attempts_failed_by_reason: BTreeMap::new(),
         reconnect: None,
