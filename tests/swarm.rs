@@ -146,12 +146,14 @@ async fn swarm_token_is_sent_on_both_transports() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn proto_engine_refuses_websocket() {
+async fn websocket_swarm_ignores_the_webtransport_engine() {
     let ts = TestServer::start(|a| a.tick_ms = 250).await;
-    let e = swarm::run(on_proto(args(&ts, Transport::Websocket, 1)))
+    let report = swarm::run(on_proto(args(&ts, Transport::Websocket, 20)))
         .await
-        .unwrap_err();
-    assert!(e.to_string().contains("WebTransport only"), "{e:#}");
+        .unwrap();
+    assert_eq!(report.sessions_connected, 20, "{report:?}");
+    assert_eq!(report.engine, None);
+    assert_eq!(ts.server.stats().get("ws_sessions_accepted"), Some(20));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -306,6 +306,16 @@ struct Engine {
     churned: u64,
     /// Packets dropped because a socket's send buffer was full.
     send_drops: u64,
+    counts: Counts,
+}
+
+/// What the loop did, logged at the end (debug) to see where its time goes.
+#[derive(Debug, Default)]
+struct Counts {
+    loops: u64,
+    recv_calls: u64,
+    packets_in: u64,
+    packets_out: u64,
 }
 
 impl Engine {
@@ -343,6 +353,7 @@ impl Engine {
             churn_next: None,
             churned: 0,
             send_drops: 0,
+            counts: Counts::default(),
         }
     }
 
@@ -372,12 +383,14 @@ impl Engine {
                     .map_or(MAX_SLEEP, |t| t.saturating_duration_since(Instant::now()))
                     .min(MAX_SLEEP)
             };
+            self.counts.loops += 1;
             let readable = self.wait(timeout);
             more = false;
             for i in readable {
                 more |= self.receive(i, &mut recv_buf, &mut meta, &mut response);
             }
         }
+        debug!("engine thread: {:?}", self.counts);
         if self.send_drops > 0 {
             warn!(
                 "engine dropped {} outgoing packets: socket send buffers full",
@@ -439,6 +452,7 @@ impl Engine {
             };
             // A batch can take a while to process: read the clock for each.
             let now = Instant::now();
+            self.counts.recv_calls += 1;
             for (m, buf) in meta.iter().zip(recv_buf.chunks(RECV_SLOT)).take(n) {
                 let data = &buf[..m.len];
                 let ecn = m
@@ -446,6 +460,7 @@ impl Engine {
                     .and_then(|e| quinn_proto::EcnCodepoint::from_bits(e as u8));
                 // GRO hands several packets of one sender in one buffer, `stride` apart.
                 for segment in data.chunks(m.stride.max(1)) {
+                    self.counts.packets_in += 1;
                     response.clear();
                     let event = sock.endpoint.handle(
                         now,
@@ -849,6 +864,7 @@ impl Engine {
             match conn.qc.poll_transmit(now, 1, &mut buf) {
                 Some(t) => {
                     buf.truncate(t.size);
+                    self.counts.packets_out += 1;
                     sock.out.push((t.destination, buf));
                     if sock.out.len() >= SEND_BATCH {
                         self.send_drops += flush(&sock.udp, &mut sock.out, &mut self.spare);
