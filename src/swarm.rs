@@ -1,8 +1,13 @@
 //! `fleetcast swarm`: a load generator that opens many sessions and measures what they receive.
 //!
-//! Sessions are spread over several client endpoints (one UDP socket each, `--sessions-per-
-//! endpoint`), because one endpoint's single receive task drops datagrams at thousands of
-//! sessions. Connecting is bounded in rate and concurrency. Once every session has connected (or
+//! Two WebTransport engines open the sessions. `--engine proto` (the default, `swarm/engine.rs`)
+//! drives quinn-proto from one thread per `--engine-threads`, thousands of sessions per thread,
+//! with the HTTP/3 side in `swarm/h3.rs`; `--engine wtransport` runs a tokio task per session on
+//! wtransport. Either spreads its sessions over several client endpoints (one UDP socket each,
+//! `--sessions-per-endpoint`), because one socket (for wtransport, its single receive task)
+//! drops datagrams at thousands of sessions. Both fill the same records, so every option and
+//! report works on both.
+//! Connecting is bounded in rate and concurrency. Once every session has connected (or
 //! the connect phase timed out) a measurement window of `--duration` starts; each session
 //! records the ticks whose server time falls in that window, and the report compares what
 //! arrived with what the server sent: every connected session should get every part of every
