@@ -6,7 +6,10 @@
 # `load_generator` is its own CPU and RSS over the window) and .server.log / .swarm.log.
 #
 #   bench/swarm-engine.sh                   two rounds, about 4 minutes
-#   SWARM_ENGINE_SESSIONS=2000 bench/swarm-engine.sh
+#   SWARM_ENGINE_SESSIONS=20000 SWARM_ENGINE_ROUNDS=1 SWARM_ENGINE_TAG=-20k bench/swarm-engine.sh
+#
+# SWARM_ENGINE_TAG goes into the file names (swarm-engine-20k-proto-1.json, swarm-engine-20k.md),
+# so a second size does not overwrite the first.
 #
 # BENCH_BIN=PATH runs that binary instead of building one. Loopback only; the server stops on
 # SIGTERM after each run, the swarm after its window.
@@ -16,6 +19,7 @@ cd "$(dirname "$0")/.."
 SESSIONS=${SWARM_ENGINE_SESSIONS:-10000}
 ROUNDS=${SWARM_ENGINE_ROUNDS:-2}
 DURATION=${SWARM_ENGINE_DURATION:-30s}
+TAG=${SWARM_ENGINE_TAG:-}
 WT_PORT=${SWARM_ENGINE_WT_PORT:-34433}
 HTTP_PORT=${SWARM_ENGINE_HTTP_PORT:-38080}
 OUT=${BENCH_OUT:-bench/results}
@@ -36,7 +40,7 @@ trap cleanup EXIT
 
 # run ENGINE ROUND
 run() {
-  local engine=$1 round=$2 name="swarm-engine-$1-$2"
+  local engine=$1 round=$2 name="swarm-engine$TAG-$1-$2"
   echo "== $name: $SESSIONS sessions, $DURATION"
   timeout 600 "$BIN" --threads 1 serve --wt-listen "127.0.0.1:$WT_PORT" \
     --http-listen "127.0.0.1:$HTTP_PORT" --cert-dir "$CERTS" --max-sessions 60000 \
@@ -70,17 +74,17 @@ for round in $(seq "$ROUNDS"); do
   run proto "$round"
 done
 
-python3 - "$RAW" "$ROUNDS" "$OUT/swarm-engine.md" <<'PY'
+python3 - "$RAW" "$ROUNDS" "$OUT/swarm-engine$TAG.md" "$TAG" <<'PY'
 import json, sys
 from pathlib import Path
-raw, rounds, out = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
+raw, rounds, out, tag = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
 lines = ["| engine | round | sessions connected of requested | lost | connect s | delivery | latency ms p50 / p99 "
          "| swarm CPU s in the window | swarm CPU µs per delivered datagram | swarm RSS MB "
          "| server CPU µs per delivered datagram |",
          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
 for round in range(1, rounds + 1):
     for engine in ("wtransport", "proto"):
-        name = f"swarm-engine-{engine}-{round}"
+        name = f"swarm-engine{tag}-{engine}-{round}"
         try:
             r = json.loads((raw / f"{name}.json").read_text())
         except (OSError, json.JSONDecodeError):
