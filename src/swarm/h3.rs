@@ -217,6 +217,35 @@ mod tests {
         assert!(r.push(&[0x02, 0x00]).is_err());
     }
 
+    proptest::proptest! {
+        /// Whatever the server sends, in whatever pieces, the readers answer without panicking.
+        #[test]
+        fn readers_take_any_bytes_in_any_pieces(
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..64),
+            cut in 0usize..64,
+        ) {
+            let cut = cut.min(bytes.len());
+            let mut response = ResponseReader::default();
+            let _ = response.push(&bytes[..cut]);
+            let _ = response.push(&bytes[cut..]);
+            let mut uni = UniHeaderReader::default();
+            let _ = uni.push(&bytes[..cut]);
+            let _ = uni.push(&bytes[cut..]);
+        }
+
+        /// A response split anywhere gives the same status as in one piece.
+        #[test]
+        fn response_status_does_not_depend_on_the_pieces(status in 200u16..600, cut in 0usize..64) {
+            let bytes = response(status);
+            let cut = cut.min(bytes.len());
+            let mut r = ResponseReader::default();
+            let first = r.push(&bytes[..cut]).unwrap();
+            let second = r.push(&bytes[cut..]).unwrap();
+            proptest::prop_assert_eq!(second, Some(status));
+            proptest::prop_assert!(first.is_none() || cut == bytes.len());
+        }
+    }
+
     #[test]
     fn uni_header_reader_sorts_streams_and_keeps_the_rest() {
         let session = SessionId::try_from_session_stream(wtransport_proto::ids::StreamId::new(
