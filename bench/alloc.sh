@@ -47,7 +47,8 @@ for round in $(seq "$ROUNDS"); do
 import json, sys
 r = json.load(open(sys.argv[1]))
 s = r["server"]
-print(f"   delivery {r['delivery_ratio']:.5f}  p50/p99 {r['latency_ms']['p50']:.1f}/{r['latency_ms']['p99']:.1f} ms  "
+print(f"   sessions {r['sessions_connected']}/{r['sessions_requested']} connected, {r.get('sessions_lost', 0)} lost  "
+      f"delivery {r['delivery_ratio']:.5f}  p50/p99 {r['latency_ms']['p50']:.1f}/{r['latency_ms']['p99']:.1f} ms  "
       f"cpu {s['cpu_seconds']:.2f} s = {s['cpu_us_per_delivered_datagram']:.2f} us/dgram  "
       f"rss {s['rss_per_session_bytes']/1e3:.1f} KB/session")
 PY

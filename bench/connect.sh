@@ -74,14 +74,14 @@ python3 - "$RAW" "$OUT/connect.md" <<'PY'
 import json, sys
 from pathlib import Path
 raw, out = Path(sys.argv[1]), Path(sys.argv[2])
-lines = ["| run | sessions connected | connect s | connect failures by reason | later attempts failed by reason (churn) | churn: opened / closed | server: accepted, handshakes failed |",
-         "| --- | --- | --- | --- | --- | --- | --- |"]
+lines = ["| run | sessions connected of requested | lost in window | connect s | connect failures by reason | later attempts failed by reason (churn) | churn: opened / closed | server: accepted, handshakes failed |",
+         "| --- | --- | --- | --- | --- | --- | --- | --- |"]
 for p in sorted(raw.glob("connect-*.swarm.json"), key=lambda p: ("10k" in p.name, p.name)):
     name = p.name.removesuffix(".swarm.json")
     try:
         r = json.loads(p.read_text())
     except json.JSONDecodeError:
-        lines.append(f"| {name} | failed: see {name}.swarm.log | | | | | |")
+        lines.append(f"| {name} | failed: see {name}.swarm.log | | | | | | |")
         continue
     m = {}
     for line in (raw / f"{name}.metrics").read_text().splitlines():
@@ -93,7 +93,7 @@ for p in sorted(raw.glob("connect-*.swarm.json"), key=lambda p: ("10k" in p.name
     fmt = lambda d: ", ".join(f"{n} {k}" for k, n in d.items()) or "none"
     later = fmt(r["attempts_failed_by_reason"]) if c else ""
     churned = f"{c['sessions_opened']:,} / {c['sessions_closed']:,}" if c else ""
-    lines.append(f"| {name} | {r['sessions_connected']:,} of {r['sessions_requested']:,} | {r['connect_seconds']:.1f} "
+    lines.append(f"| {name} | {r['sessions_connected']:,} of {r['sessions_requested']:,} | {r.get('sessions_lost', 0):,} | {r['connect_seconds']:.1f} "
                  f"| {fmt(r['connect_failures_by_reason'])} | {later} | {churned} | {acc:,}, {hf} |")
 out.write_text("\n".join(lines) + "\n")
 print(out.read_text())

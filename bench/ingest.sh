@@ -114,8 +114,8 @@ for name, r in rows:
     lines.append(f"| {name} | {r['sent']:,} | {r['accepted']:,} | {r['rejected']:,} | "
                  f"{r['elapsed_s']:.2f} | {r['fixes_per_s']:,.0f} | {r['server_cpu_us_per_fix']:.2f} µs |")
 lines.append("")
-lines.append(f"The swarm during that run: {swarm['sessions_connected']:,} of {int(sessions):,} "
-             f"sessions connected, delivery {swarm['delivery_ratio']*100:.2f} %, latency p50/p99 "
+lines.append(f"The swarm during that run: {swarm['sessions_connected']:,} of {swarm['sessions_requested']:,} "
+             f"sessions connected, {swarm.get('sessions_lost', 0):,} lost in the window, delivery {swarm['delivery_ratio']*100:.2f} %, latency p50/p99 "
              f"{swarm['latency_ms']['p50']:.0f}/{swarm['latency_ms']['p99']:.0f} ms.")
 open(out, "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))

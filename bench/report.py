@@ -31,6 +31,9 @@ def fmt(v, spec):
 
 
 rows = []
+# Runs that did not connect every session, or lost some in the window: named under the table,
+# so no table can look complete without them.
+incomplete = []
 for name in ORDER:
     r = load(name)
     if r is None:
@@ -43,9 +46,17 @@ for name in ORDER:
     transport = r["transport"]
     if transport == "webtransport":
         transport += " (quinn)" if name.startswith("wtq-") else " (proto)"
+    lost = r.get("sessions_lost", 0)
+    missing = r["sessions_requested"] - r["sessions_connected"]
+    if missing > 0 or lost > 0:
+        reasons = ", ".join(f"{n:,} {k}" for k, n in (r.get("connect_failures_by_reason") or {}).items())
+        incomplete.append(f"- **{name}: {r['sessions_connected']:,} of {r['sessions_requested']:,} sessions "
+                          f"connected, {lost:,} lost in the window**"
+                          + (f" (connect failures: {reasons})" if reasons else ""))
+    warn = " ⚠" if missing > 0 or lost > 0 else ""
     rows.append(
-        f"| {name} | {transport} | {r['sessions_requested']:,} @ {rate} "
-        f"| {r['sessions_connected']:,} | {r.get('sessions_lost', 0):,} | {r['connect_seconds']:.1f} "
+        f"| {name} | {transport} | {rate} "
+        f"| {r['sessions_connected']:,} of {r['sessions_requested']:,}{warn} | {lost:,}{warn} | {r['connect_seconds']:.1f} "
         f"| {r['delivery_ratio']*100:.2f} % "
         f"| {lat['p50']:.1f} / {lat['p99']:.1f} / {lat['max']:.1f} "
         f"| {age['p50']:.0f} / {age['p99']:.0f} "
@@ -60,11 +71,15 @@ header = [
     f"Machine: {platform.node()}, {cpu}, {subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores, "
     f"Linux {platform.release()}; server and swarm share the cores.",
     "",
-    "| run | transport | sessions | connected | lost in window | connect s | delivery | latency ms p50 / p99 / max "
+    "| run | transport | tick rate | sessions connected of requested | lost in window | connect s | delivery | latency ms p50 / p99 / max "
     "| position age ms p50 / p99 | server CPU µs per delivered datagram | server RSS KB per session | ticks sent of expected |",
     "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
 ]
-out_md.write_text("\n".join(header + rows) + "\n")
+footer = []
+if incomplete:
+    footer = ["", "Runs that did not hold every session (delivery leaves out sessions that never connected "
+              "and charges lost ones for the rest of the window):", ""] + incomplete
+out_md.write_text("\n".join(header + rows + footer) + "\n")
 print(out_md.read_text())
 
 try:

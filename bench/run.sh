@@ -72,7 +72,8 @@ run() {
 import json, sys
 r = json.load(open(sys.argv[1]))
 s = r.get("server") or {}
-print(f"   delivery {r['delivery_ratio']:.5f}  p50/p99 {r['latency_ms']['p50']:.1f}/{r['latency_ms']['p99']:.1f} ms  "
+print(f"   sessions {r['sessions_connected']}/{r['sessions_requested']} connected, {r.get('sessions_lost', 0)} lost  "
+      f"delivery {r['delivery_ratio']:.5f}  p50/p99 {r['latency_ms']['p50']:.1f}/{r['latency_ms']['p99']:.1f} ms  "
       f"cpu {s.get('cpu_us_per_delivered_datagram', 0):.1f} us/dgram  rss {s.get('rss_per_session_bytes', 0)/1e3:.1f} KB/session")
 PY
 }

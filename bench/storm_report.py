@@ -38,7 +38,7 @@ def num(v):
 
 
 lines = [
-    "| schedule | sessions | restart s (SIGTERM to new server up) | all back s after SIGTERM "
+    "| schedule | sessions connected of requested | restart s (SIGTERM to new server up) | all back s after SIGTERM "
     "| all back s after first loss | down per session ms p50 / p99 / max | reconnect attempts "
     "| failed attempts by reason | new server: peak handshakes/s (250 ms) | mean handshakes/s until all back "
     "| refused busy | handshakes failed | peak RSS MB | CPU s per s until all back: server / load generator |",
@@ -90,7 +90,7 @@ for s in schedules:
     d = r.get("down_ms") or {}
     fails = swarm.get("attempts_failed_by_reason") or {}
     lines.append(
-        f"| {describe(s)} | {swarm['sessions_connected']:,} "
+        f"| {describe(s)} | {swarm['sessions_connected']:,} of {swarm['sessions_requested']:,} "
         f"| {(up - sigterm) / 1000:.2f} "
         f"| {'not all' if back is None else f'{(back - sigterm) / 1000:.2f}'} "
         f"| {r.get('recovery_seconds') if r.get('recovery_seconds') is not None else 'not all'} "

@@ -16,7 +16,8 @@
 //! - [`server`]: `fleetcast serve`, the async shell around the core.
 //! - [`client`]: the native WebTransport client used by `watch`, the tests and load tools.
 //! - [`watch`]: `fleetcast watch`, a client that reports what it receives.
-//! - [`swarm`]: `fleetcast swarm`, a load generator over WebTransport or WebSocket.
+//! - [`swarm`]: `fleetcast swarm`, a load generator over WebTransport (on quinn-proto, or on
+//!   wtransport) or WebSocket.
 //! - [`publish`]: `fleetcast publish` and `fleetcast sim`: fixes from files or the simulator
 //!   into a server's position ingest.
 //! - [`udp`]: UDP sockets with large kernel buffers.

@@ -1,8 +1,13 @@
 //! `fleetcast swarm`: a load generator that opens many sessions and measures what they receive.
 //!
-//! Sessions are spread over several client endpoints (one UDP socket each, `--sessions-per-
-//! endpoint`), because one endpoint's single receive task drops datagrams at thousands of
-//! sessions. Connecting is bounded in rate and concurrency. Once every session has connected (or
+//! Two WebTransport engines open the sessions. `--engine proto` (the default, `swarm/engine.rs`)
+//! drives quinn-proto from one thread per `--engine-threads`, thousands of sessions per thread,
+//! with the HTTP/3 side in `swarm/h3.rs`; `--engine wtransport` runs a tokio task per session on
+//! wtransport. Either spreads its sessions over several client endpoints (one UDP socket each,
+//! `--sessions-per-endpoint`), because one socket (for wtransport, its single receive task)
+//! drops datagrams at thousands of sessions. Both fill the same records, so every option and
+//! report works on both.
+//! Connecting is bounded in rate and concurrency. Once every session has connected (or
 //! the connect phase timed out) a measurement window of `--duration` starts; each session
 //! records the ticks whose server time falls in that window, and the report compares what
 //! arrived with what the server sent: every connected session should get every part of every
@@ -32,6 +37,9 @@ use wtransport::endpoint::endpoint_side;
 use wtransport::Endpoint;
 
 use crate::backoff::{Backoff, Jitter};
+
+mod engine;
+mod h3;
 use crate::client::{self, ClientOptions, ConnectArgs, Event, Trust};
 use crate::proto::wire::{
     FrameDecoder, StreamMessage, TickHeader, WS_CHANNEL_DATAGRAM, WS_CHANNEL_STREAM,
@@ -50,6 +58,18 @@ pub enum Transport {
     Websocket,
 }
 
+/// Which client drives the WebTransport sessions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    /// wtransport (on quinn): a tokio task per session, a client endpoint per
+    /// `--sessions-per-endpoint` sessions.
+    Wtransport,
+    /// quinn-proto driven directly: one thread per `--engine-threads` holds thousands of
+    /// sessions, packets read and sent in batches.
+    Proto,
+}
+
 /// `fleetcast swarm` options.
 #[derive(Debug, Clone, Args)]
 pub struct SwarmArgs {
@@ -66,13 +86,29 @@ pub struct SwarmArgs {
     #[arg(long, value_enum, default_value = "webtransport")]
     pub transport: Transport,
 
+    /// WebTransport client: `proto` (quinn-proto driven from `--engine-threads` threads; about
+    /// half the CPU and a third of the memory per session) or `wtransport` (a tokio task per
+    /// session, the client `fleetcast watch` uses). WebSocket sessions ignore it.
+    #[arg(
+        long,
+        value_enum,
+        default_value = "proto",
+        env = "FLEETCAST_SWARM_ENGINE"
+    )]
+    pub engine: Engine,
+
+    /// Threads of `--engine proto`, each holding its share of the sessions.
+    #[arg(long, default_value_t = 1)]
+    pub engine_threads: usize,
+
     /// Sessions to open.
     #[arg(long, default_value_t = 1000)]
     pub sessions: usize,
 
-    /// Sessions per client endpoint (UDP socket).
-    #[arg(long, default_value_t = 500)]
-    pub sessions_per_endpoint: usize,
+    /// Sessions per client endpoint (UDP socket); default 500 with `--engine wtransport`,
+    /// 1000 with `--engine proto`.
+    #[arg(long)]
+    pub sessions_per_endpoint: Option<usize>,
 
     /// Connection attempts in flight at most.
     #[arg(long, default_value_t = 200)]
@@ -152,6 +188,16 @@ impl SwarmArgs {
         }
     }
 
+    /// Sessions per client endpoint, the engine's default unless given.
+    fn sessions_per_endpoint(&self) -> usize {
+        self.sessions_per_endpoint
+            .unwrap_or(match self.engine {
+                Engine::Wtransport => 500,
+                Engine::Proto => 1000,
+            })
+            .max(1)
+    }
+
     /// Whether attempts after the connect phase are bounded by --attempt-timeout.
     fn timed_attempts(&self) -> bool {
         self.reconnect || self.churn_per_s > 0.0
@@ -184,6 +230,8 @@ pub struct SwarmLatency {
 pub struct SwarmReport {
     /// Transport used.
     pub transport: Transport,
+    /// WebTransport client engine (none for WebSocket).
+    pub engine: Option<Engine>,
     /// Sessions asked for.
     pub sessions_requested: usize,
     /// Sessions open when the measurement started.
@@ -219,11 +267,15 @@ pub struct SwarmReport {
     pub bytes: u64,
     /// Tick-to-receipt latency (receive time minus the tick's server time).
     pub latency_ms: SwarmLatency,
-    /// Age of the newest position each session held, sampled every 100 ms over the window
-    /// (sample time minus the newest received tick's server time).
+    /// Age of the newest position each session held, sampled about every 100 ms (at times out
+    /// of phase with the tick) over the window: sample time minus the newest received tick's
+    /// server time.
     pub position_age_ms: SwarmLatency,
     /// Server figures from its `/metrics`, when reachable.
     pub server: Option<ServerFigures>,
+    /// The load generator's own CPU and memory over the window (the whole `swarm` process:
+    /// it includes an in-process server when a test runs one).
+    pub load_generator: Option<LoadFigures>,
     /// Attempts after the connect phase (reconnects, churn) that failed, by reason.
     pub attempts_failed_by_reason: BTreeMap<String, usize>,
     /// With `--reconnect`: sessions lost and how long until all were back.
@@ -350,6 +402,41 @@ pub struct ServerFigures {
     pub rss_per_session_bytes: f64,
 }
 
+/// The load generator's own cost over the measurement window.
+#[derive(Debug, Clone, Copy, Serialize, Default)]
+pub struct LoadFigures {
+    /// CPU (user + system) of this process during the window, seconds.
+    pub cpu_seconds: f64,
+    /// That CPU per datagram the sessions received in the window, microseconds.
+    pub cpu_us_per_delivered_datagram: f64,
+    /// Resident memory at the end of the window, bytes.
+    pub rss_bytes: u64,
+    /// Resident memory per session connected, bytes (everything the process holds).
+    pub rss_per_session_bytes: f64,
+}
+
+/// This process's CPU time (user + system) so far, seconds.
+fn own_cpu_seconds() -> f64 {
+    // SAFETY: getrusage fills the zeroed struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return 0.0;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
+}
+
+/// This process's resident memory, bytes (0 where /proc is missing).
+fn own_rss_bytes() -> u64 {
+    let pages = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    pages * page.max(0) as u64
+}
+
 /// Reads one unlabelled sample from Prometheus text.
 fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines()
@@ -370,7 +457,11 @@ async fn scrape(url: &Option<String>) -> Option<(f64, f64)> {
 impl SwarmReport {
     /// A readable multi-line summary.
     pub fn summary(&self) -> String {
-        let mut text = self.measured_summary();
+        let mut text = String::new();
+        if let Some(warning) = self.incomplete() {
+            text += &format!("WARNING            {warning}\n");
+        }
+        text += &self.measured_summary();
         let reasons = |map: &BTreeMap<String, usize>| {
             map.iter()
                 .map(|(reason, n)| format!("{n} {reason}"))
@@ -413,6 +504,22 @@ impl SwarmReport {
             );
         }
         text
+    }
+
+    /// Says so when sessions did not connect or were lost in the window: the delivery ratio
+    /// leaves out sessions that never connected, so a run must not look complete without them.
+    pub fn incomplete(&self) -> Option<String> {
+        if self.sessions_connected >= self.sessions_requested && self.sessions_lost == 0 {
+            return None;
+        }
+        Some(format!(
+            "only {} of {} sessions connected ({} failed; they are not in the delivery ratio), \
+             {} lost during the run",
+            self.sessions_connected,
+            self.sessions_requested,
+            self.connect_failures,
+            self.sessions_lost
+        ))
     }
 
     fn measured_summary(&self) -> String {
@@ -460,7 +567,18 @@ impl SwarmReport {
                 ),
                 None => String::new(),
             }
-        )
+        ) + &match &self.load_generator {
+            Some(l) => format!(
+                "\nswarm ({})  {:.2} CPU s in the window, {:.2} us per delivered datagram, \
+                 RSS {:.1} MB ({:.1} KB per session)",
+                self.engine.map_or("websocket".into(), |e| format!("{e:?}").to_lowercase()),
+                l.cpu_seconds,
+                l.cpu_us_per_delivered_datagram,
+                l.rss_bytes as f64 / 1e6,
+                l.rss_per_session_bytes / 1e3
+            ),
+            None => String::new(),
+        }
     }
 }
 
@@ -536,11 +654,15 @@ struct Run {
     tick_interval_us: AtomicU64,
     connected: AtomicUsize,
     failed: AtomicUsize,
+    /// Sessions the connect phase started (the proto engine counts them here).
+    started: AtomicUsize,
     /// Failed attempts by reason, over the whole run.
     failures: Mutex<BTreeMap<String, usize>>,
     recovery: Mutex<Recovery>,
     /// Sessions opened by the churn that connected.
     churn_opened: AtomicU64,
+    /// Sessions the proto engine's churn closed.
+    churn_closed: AtomicU64,
     records: Mutex<Vec<Record>>,
     stop: tokio_util::sync::CancellationToken,
 }
@@ -599,6 +721,11 @@ pub async fn run(args: SwarmArgs) -> Result<SwarmReport> {
     if !(args.churn_per_s.is_finite() && args.churn_per_s >= 0.0) {
         bail!("--churn-per-s must be a rate of 0 or more");
     }
+    // The engine is the WebTransport client's: WebSocket sessions are tokio tasks either way.
+    let proto_engine = args.engine == Engine::Proto && args.transport == Transport::Webtransport;
+    if args.engine_threads == 0 {
+        bail!("--engine-threads must be at least 1");
+    }
     let trust = match args.transport {
         // The WebSocket fallback is plain ws:// (or TLS through a proxy's own certificate).
         Transport::Websocket => Trust::SystemRoots,
@@ -609,9 +736,11 @@ pub async fn run(args: SwarmArgs) -> Result<SwarmReport> {
         tick_interval_us: AtomicU64::new(0),
         connected: AtomicUsize::new(0),
         failed: AtomicUsize::new(0),
+        started: AtomicUsize::new(0),
         failures: Mutex::default(),
         recovery: Mutex::default(),
         churn_opened: AtomicU64::new(0),
+        churn_closed: AtomicU64::new(0),
         records: Mutex::new(Vec::with_capacity(args.sessions)),
         stop: tokio_util::sync::CancellationToken::new(),
         args,
@@ -619,9 +748,9 @@ pub async fn run(args: SwarmArgs) -> Result<SwarmReport> {
     let args = &run.args;
 
     let mut endpoints = Vec::new();
-    if args.transport == Transport::Webtransport {
-        let count = args.sessions.div_ceil(args.sessions_per_endpoint.max(1));
-        let mut options = ClientOptions::new(trust);
+    if args.transport == Transport::Webtransport && !proto_engine {
+        let count = args.sessions.div_ceil(args.sessions_per_endpoint());
+        let mut options = ClientOptions::new(trust.clone());
         options.udp_buffer = Some(args.udp_buffer);
         // Enough for a few ticks of a large fleet, small enough for thousands of sessions.
         options.datagram_buffer = 64 * 1024;
@@ -629,11 +758,7 @@ pub async fn run(args: SwarmArgs) -> Result<SwarmReport> {
             endpoints.push(Arc::new(client::endpoint(&options)?));
         }
     }
-    let endpoint_of = |i: usize| {
-        endpoints
-            .get(i / args.sessions_per_endpoint.max(1))
-            .cloned()
-    };
+    let endpoint_of = |i: usize| endpoints.get(i / args.sessions_per_endpoint()).cloned();
 
     let metrics_url = args.metrics_url();
     let before = scrape(&metrics_url).await;
@@ -651,7 +776,20 @@ pub async fn run(args: SwarmArgs) -> Result<SwarmReport> {
     // One stop token per session slot, so the churn can close one session.
     let mut slots = Vec::with_capacity(args.sessions);
     let connect_deadline = started + args.connect_timeout;
-    for i in 0..args.sessions {
+    let mut engine_threads = Vec::new();
+    if proto_engine {
+        // The engine threads pace their own connect phase; wait for it like for the tasks.
+        engine_threads = engine::spawn(&run, trust, connect_deadline.into_std())?;
+        while (run.started.load(Ordering::Relaxed) < args.sessions
+            || run.connected.load(Ordering::Relaxed) + run.failed.load(Ordering::Relaxed)
+                < run.started.load(Ordering::Relaxed))
+            && Instant::now() < connect_deadline
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            progress.update(&run);
+        }
+    }
+    for i in (0..args.sessions).filter(|_| !proto_engine) {
         pace.tick().await;
         let Ok(permit) =
             tokio::time::timeout_at(connect_deadline, permits.clone().acquire_owned()).await
@@ -691,11 +829,20 @@ pub async fn run(args: SwarmArgs) -> Result<SwarmReport> {
     );
 
     let at_start = scrape(&metrics_url).await;
+    let own_cpu_at_start = own_cpu_seconds();
     let start_us = now_us();
     let end_us = start_us + args.duration.as_micros() as u64;
     run.window.end_us.store(end_us, Ordering::Relaxed);
     run.window.start_us.store(start_us, Ordering::Relaxed);
-    let churn = if args.churn_per_s > 0.0 && !slots.is_empty() {
+    let churn = if proto_engine && args.churn_per_s > 0.0 {
+        // The engine threads churn their own sessions through the window.
+        tokio::time::sleep(args.duration).await;
+        Some(ChurnReport {
+            per_s: args.churn_per_s,
+            sessions_closed: run.churn_closed.load(Ordering::Relaxed),
+            sessions_opened: run.churn_opened.load(Ordering::Relaxed),
+        })
+    } else if args.churn_per_s > 0.0 && !slots.is_empty() {
         let closed = churn(
             &run,
             &mut slots,
@@ -714,10 +861,18 @@ pub async fn run(args: SwarmArgs) -> Result<SwarmReport> {
         None
     };
     let at_end = scrape(&metrics_url).await;
+    let own_cpu = own_cpu_seconds() - own_cpu_at_start;
+    let own_rss = own_rss_bytes();
     // Datagrams of the window's last tick may still be in flight.
     tokio::time::sleep(Duration::from_millis(500)).await;
     run.stop.cancel();
     while tasks.join_next().await.is_some() {}
+    for thread in engine_threads {
+        tokio::task::spawn_blocking(move || thread.join())
+            .await
+            .context("joining an engine thread")?
+            .map_err(|_| anyhow::anyhow!("a swarm engine thread panicked"))?;
+    }
 
     let records = std::mem::take(&mut *run.records.lock().expect("records lock"));
     let interval_us = run.tick_interval_us.load(Ordering::Relaxed);
@@ -764,6 +919,20 @@ pub async fn run(args: SwarmArgs) -> Result<SwarmReport> {
         });
     }
     report.position_age_ms = position_age(&records, start_us, end_us);
+    report.load_generator = Some(LoadFigures {
+        cpu_seconds: own_cpu,
+        cpu_us_per_delivered_datagram: if report.datagrams > 0 {
+            own_cpu * 1e6 / report.datagrams as f64
+        } else {
+            0.0
+        },
+        rss_bytes: own_rss,
+        rss_per_session_bytes: if connected > 0 {
+            own_rss as f64 / connected as f64
+        } else {
+            0.0
+        },
+    });
     if let (Some(before), Some(start), Some(end)) = (before, at_start, at_end) {
         let cpu = end.0 - start.0;
         report.server = Some(ServerFigures {
@@ -814,12 +983,19 @@ async fn churn(
     }
 }
 
-/// Samples, every 100 ms from one second into the window (or into the session's life, if it
-/// opened later) until the window or the session ends, how old each session's newest position
-/// was: the sample time minus the server time of the newest tick received by then.
+/// Samples, about every 100 ms from one second into the window (or into the session's life, if
+/// it opened later) until the window or the session ends, how old each session's newest
+/// position was: the sample time minus the server time of the newest tick received by then.
+///
+/// The samples are not on a grid: sample `k` falls at `k × 100 ms` plus a low-discrepancy offset
+/// within its 100 ms ([`sample_offset_us`]). A plain 100 ms grid is in phase with a 1 s tick and
+/// sees only ten phases of it, so a fixed delivery delay gave ten distinct ages instead of the
+/// spread a browser sampling at a random moment sees.
 fn position_age(records: &[Record], start_us: u64, end_us: u64) -> SwarmLatency {
-    const STEP_US: u64 = 100_000;
     let mut hist = LatencyHistogram::default();
+    // The offsets' sequence runs on across sessions, so sessions do not all sample the same
+    // instants.
+    let mut j = 0u64;
     for r in records {
         // (receive time, tick time), by receive time.
         let mut arrivals: Vec<(u64, u64)> = r
@@ -832,9 +1008,14 @@ fn position_age(records: &[Record], start_us: u64, end_us: u64) -> SwarmLatency 
         let mut newest = None::<u64>;
         let mut next = 0;
         // Only while the session was open (the churn opens and closes sessions in the window).
-        let mut t = (start_us + 1_000_000).max(r.from_us.saturating_add(1_000_000));
+        let first = (start_us + 1_000_000).max(r.from_us.saturating_add(1_000_000));
         let end_us = end_us.min(r.to_us);
-        while t < end_us {
+        for k in 0u64.. {
+            let t = first + k * AGE_STEP_US + sample_offset_us(j);
+            j += 1;
+            if t >= end_us {
+                break;
+            }
             while next < arrivals.len() && arrivals[next].0 <= t {
                 newest = Some(newest.map_or(arrivals[next].1, |n: u64| n.max(arrivals[next].1)));
                 next += 1;
@@ -842,10 +1023,20 @@ fn position_age(records: &[Record], start_us: u64, end_us: u64) -> SwarmLatency 
             if let Some(n) = newest {
                 hist.record(t.saturating_sub(n));
             }
-            t += STEP_US;
         }
     }
     percentiles(&hist)
+}
+
+/// Mean spacing of position-age samples.
+const AGE_STEP_US: u64 = 100_000;
+
+/// Where in its 100 ms step sample `k` falls: the fractional part of `k × φ` (a Weyl sequence),
+/// so samples cover every phase of any tick interval evenly, and the same records always give
+/// the same report.
+fn sample_offset_us(k: u64) -> u64 {
+    const GOLDEN: f64 = 0.618_033_988_749_894_9;
+    ((k as f64 * GOLDEN).fract() * AGE_STEP_US as f64) as u64
 }
 
 /// p50, p99, p99.9 and max of a histogram of microseconds, in milliseconds (zeros if empty).
@@ -924,6 +1115,7 @@ fn report(
     expected += never_sent * parts_per_tick * whole_window;
     SwarmReport {
         transport: args.transport,
+        engine: (args.transport == Transport::Webtransport).then_some(args.engine),
         sessions_requested: args.sessions,
         sessions_connected: connected,
         connect_failures: failed,
@@ -946,6 +1138,7 @@ fn report(
         bytes,
         position_age_ms: SwarmLatency::default(),
         server: None,
+        load_generator: None,
         latency_ms: percentiles(&hist),
         attempts_failed_by_reason: BTreeMap::new(),
         reconnect: None,
@@ -1398,9 +1591,67 @@ mod tests {
         let mut r = record(0, Some(5), &[1, 2, 3, 4]);
         r.latency_us = vec![100_000; 4];
         let age = position_age(&[r], 0, 60_000_000);
-        // At most a tick interval old (histogram precision aside), never the minute after.
-        assert!(age.max <= 1_001.0, "no sample after it closed: {age:?}");
+        // At most a tick interval plus the delay old (histogram precision aside), never the
+        // minute after. (With samples on a 100 ms grid this bound was 1,000 ms: the grid never
+        // looked just before a tick arrived.)
+        assert!(age.max <= 1_101.0, "no sample after it closed: {age:?}");
         assert!(age.p50 >= 100.0, "{age:?}");
+    }
+
+    #[test]
+    fn summary_warns_of_sessions_missing_or_lost() {
+        let a = args(&["--duration", "4s", "--sessions", "3"]);
+        let full = report(&a, &[record(0, None, &[1, 2, 3, 4])], 3, 0, 1.0, 1_000_000);
+        assert!(full.incomplete().is_none());
+        assert!(!full.summary().contains("WARNING"));
+        let short = report(&a, &[record(0, None, &[1, 2, 3, 4])], 2, 1, 1.0, 1_000_000);
+        assert!(
+            short.summary().starts_with("WARNING"),
+            "{}",
+            short.summary()
+        );
+        assert!(short
+            .summary()
+            .contains("only 2 of 3 sessions connected (1 failed"));
+        let mut gone = record(0, None, &[1]);
+        gone.lost = true;
+        let lost = report(&a, &[gone], 3, 0, 1.0, 1_000_000);
+        assert!(
+            lost.summary().contains("1 lost during the run"),
+            "{}",
+            lost.summary()
+        );
+    }
+
+    #[test]
+    fn position_age_sees_every_phase_of_the_tick() {
+        // Ticks every second, each received exactly 100 ms late: a browser looking at a random
+        // moment sees an age spread evenly over 100..1100 ms. A 100 ms grid in phase with the
+        // tick saw only 100, 200, ..., 1000 ms (p50 500, max 1000).
+        let ticks: Vec<u64> = (1..=120).collect();
+        let mut r = record(0, None, &ticks);
+        r.latency_us = vec![100_000; ticks.len()];
+        let age = position_age(&[r], 0, 120_000_000);
+        assert!((580.0..=620.0).contains(&age.p50), "{age:?}");
+        assert!(age.p99 >= 1_070.0 && age.max >= 1_090.0, "{age:?}");
+        assert!(
+            age.max <= 1_101.0,
+            "never older than a tick plus the delay: {age:?}"
+        );
+    }
+
+    #[test]
+    fn sample_offset_stays_inside_its_step_and_spreads() {
+        let offsets: Vec<u64> = (0..1000).map(sample_offset_us).collect();
+        assert!(offsets.iter().all(|&o| o < AGE_STEP_US));
+        // Every tenth of the step holds about a tenth of the samples.
+        for decile in 0..10 {
+            let n = offsets
+                .iter()
+                .filter(|&&o| o / (AGE_STEP_US / 10) == decile)
+                .count();
+            assert!((90..=110).contains(&n), "decile {decile}: {n}");
+        }
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! Smoke tests of the load generator: a small swarm against a real server, both transports,
-//! and its churn and reconnect modes.
+//! both WebTransport engines (wtransport and quinn-proto), and its churn and reconnect modes.
 
 mod common;
 
@@ -8,7 +8,7 @@ use std::time::Duration;
 use common::TestServer;
 use fleetcast::client::ConnectArgs;
 use fleetcast::server::Server;
-use fleetcast::swarm::{self, SwarmArgs, Transport};
+use fleetcast::swarm::{self, Engine, SwarmArgs, Transport};
 
 fn args(ts: &TestServer, transport: Transport, sessions: usize) -> SwarmArgs {
     args_for(&ts.server, transport, sessions)
@@ -22,8 +22,10 @@ fn args_for(server: &Server, transport: Transport, sessions: usize) -> SwarmArgs
         },
         ws_url: Some(format!("ws://{}/positions.ws", server.http_addr)),
         transport,
+        engine: Engine::Wtransport,
+        engine_threads: 1,
         sessions,
-        sessions_per_endpoint: 250,
+        sessions_per_endpoint: Some(250),
         connect_concurrency: 100,
         connect_rate: 2000,
         connect_timeout: Duration::from_secs(60),
@@ -40,12 +42,34 @@ fn args_for(server: &Server, transport: Transport, sessions: usize) -> SwarmArgs
     }
 }
 
+/// The same arguments on the quinn-proto engine, with its own sessions per socket.
+fn on_proto(mut a: SwarmArgs) -> SwarmArgs {
+    a.engine = Engine::Proto;
+    a.sessions_per_endpoint = None;
+    a
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousand_webtransport_sessions_all_receive_every_tick() {
+    thousand_sessions_all_receive_every_tick(Engine::Wtransport).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_proto_engine_sessions_all_receive_every_tick() {
+    thousand_sessions_all_receive_every_tick(Engine::Proto).await;
+}
+
+async fn thousand_sessions_all_receive_every_tick(engine: Engine) {
     let ts = TestServer::start(|a| a.tick_ms = 250).await;
-    let report = swarm::run(args(&ts, Transport::Webtransport, 1000))
-        .await
-        .unwrap();
+    let mut a = args(&ts, Transport::Webtransport, 1000);
+    if engine == Engine::Proto {
+        // Two threads and small sockets: the split of sessions over both is exercised too.
+        a = on_proto(a);
+        a.engine_threads = 2;
+        a.sessions_per_endpoint = Some(300);
+    }
+    let report = swarm::run(a).await.unwrap();
+    assert_eq!(report.engine, Some(engine));
     assert_eq!(report.sessions_connected, 1000, "{report:?}");
     assert!(report.ticks >= 6, "{report:?}");
     assert_eq!(report.parts_per_tick, 1);
@@ -63,6 +87,8 @@ async fn thousand_webtransport_sessions_all_receive_every_tick() {
         server.cpu_seconds > 0.0 && server.rss_bytes > 0,
         "{server:?}"
     );
+    let own = report.load_generator.expect("own figures");
+    assert!(own.cpu_seconds > 0.0 && own.rss_bytes > 0, "{own:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -87,14 +113,24 @@ async fn swarm_token_is_sent_on_both_transports() {
     .await;
     let exp = fleetcast::server::now_us() / 1_000_000 + 3600;
     let token = fleetcast::token::mint(&secret, &fleetcast::token::Claims::expiring_at(exp as i64));
-    for transport in [Transport::Webtransport, Transport::Websocket] {
-        let mut with = args(&ts, transport, 20);
+    for (transport, engine) in [
+        (Transport::Webtransport, Engine::Wtransport),
+        (Transport::Webtransport, Engine::Proto),
+        (Transport::Websocket, Engine::Wtransport),
+    ] {
+        let with_engine = |mut a: SwarmArgs| {
+            if engine == Engine::Proto {
+                a = on_proto(a);
+            }
+            a
+        };
+        let mut with = with_engine(args(&ts, transport, 20));
         with.connect.token = Some(token.clone());
         let report = swarm::run(with).await.unwrap();
         assert_eq!(report.sessions_connected, 20, "{transport:?}: {report:?}");
         assert!(report.delivery_ratio >= 0.999, "{report:?}");
 
-        let mut without = args(&ts, transport, 5);
+        let mut without = with_engine(args(&ts, transport, 5));
         without.duration = Duration::from_millis(100);
         let report = swarm::run(without).await.unwrap();
         assert_eq!(report.sessions_connected, 0, "{transport:?}: {report:?}");
@@ -105,14 +141,37 @@ async fn swarm_token_is_sent_on_both_transports() {
             "{transport:?}: the status is the reason"
         );
     }
-    assert_eq!(ts.server.stats().get("refused_unauthorized"), Some(5));
+    assert_eq!(ts.server.stats().get("refused_unauthorized"), Some(10));
     assert_eq!(ts.server.stats().get("ws_refused_unauthorized"), Some(5));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_swarm_ignores_the_webtransport_engine() {
+    let ts = TestServer::start(|a| a.tick_ms = 250).await;
+    let report = swarm::run(on_proto(args(&ts, Transport::Websocket, 20)))
+        .await
+        .unwrap();
+    assert_eq!(report.sessions_connected, 20, "{report:?}");
+    assert_eq!(report.engine, None);
+    assert_eq!(ts.server.stats().get("ws_sessions_accepted"), Some(20));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn churn_replaces_sessions_at_the_rate_asked() {
+    churn_replaces_sessions(Engine::Wtransport).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proto_engine_churn_replaces_sessions_at_the_rate_asked() {
+    churn_replaces_sessions(Engine::Proto).await;
+}
+
+async fn churn_replaces_sessions(engine: Engine) {
     let ts = TestServer::start(|a| a.tick_ms = 250).await;
     let mut a = args(&ts, Transport::Webtransport, 40);
+    if engine == Engine::Proto {
+        a = on_proto(a);
+    }
     a.churn_per_s = 20.0;
     a.duration = Duration::from_secs(2);
     let report = swarm::run(a).await.unwrap();
@@ -137,6 +196,15 @@ async fn churn_replaces_sessions_at_the_rate_asked() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconnect_brings_every_session_back_after_a_restart() {
+    reconnect_after_a_restart(Engine::Wtransport).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proto_engine_reconnect_brings_every_session_back_after_a_restart() {
+    reconnect_after_a_restart(Engine::Proto).await;
+}
+
+async fn reconnect_after_a_restart(engine: Engine) {
     let dir = tempfile::tempdir().unwrap();
     let mut serve = fleetcast::server::ServeArgs::ephemeral(dir.path().to_path_buf());
     serve.tick_ms = 250;
@@ -150,6 +218,9 @@ async fn reconnect_brings_every_session_back_after_a_restart() {
         metrics_url: Some("none".into()),
         ..args_for(&first, Transport::Webtransport, 50)
     };
+    if engine == Engine::Proto {
+        a = on_proto(a);
+    }
     a.reconnect = true;
     a.reconnect_base = Duration::from_millis(200);
     a.duration = Duration::from_secs(10);
