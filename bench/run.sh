@@ -22,7 +22,8 @@ OUT=${BENCH_OUT:-bench/results}
 LISTEN=${BENCH_LISTEN:-[::]}
 RAW="$OUT/raw"
 mkdir -p "$RAW"
-rm -f "$RAW"/*.json
+# Only this script's own rows: the raw data of the other benchmarks lives here too.
+rm -f "$RAW"/wt-*.json "$RAW"/wtq-*.json "$RAW"/ws-*.json
 
 python3 -c "import matplotlib" 2>/dev/null || python3 -m pip install -q matplotlib
 if [ -n "${BENCH_BIN:-}" ]; then

@@ -265,20 +265,11 @@ impl Shard {
         // The instant the sleep is set for; far away when nothing is due.
         let far = || Instant::now() + Duration::from_secs(3600);
         let mut armed = far();
-        // After a read, the socket is not watched for `read_pause`: packets that arrive
-        // meanwhile (a tick's ACKs from thousands of clients trickle in over ~25 ms) are read
-        // in one batch when it ends, instead of waking the thread for each.
-        let read_pause = self.shared.args.read_pause;
-        let mut reads_paused_until: Option<Instant> = None;
         loop {
             if self.closing.is_some() && self.done_closing() {
                 break;
             }
-            let due = match (self.next_deadline(), reads_paused_until) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-            let next = match due {
+            let next = match self.next_deadline() {
                 Some(due) => due,
                 None if armed > Instant::now() + Duration::from_secs(1800) => armed,
                 None => far(),
@@ -291,9 +282,9 @@ impl Shard {
             tokio::select! {
                 biased;
                 _ = self.token.cancelled(), if serving => self.begin_shutdown(),
-                ready = self.socket.readable(), if reads_paused_until.is_none() => {
-                    if ready.is_ok() && self.read_socket(usize::MAX) > 0 && !read_pause.is_zero() {
-                        reads_paused_until = Some(Instant::now() + read_pause);
+                ready = self.socket.readable() => {
+                    if ready.is_ok() {
+                        self.read_socket(usize::MAX);
                     }
                 }
                 changed = self.ticks.changed(), if serving => {
@@ -318,12 +309,6 @@ impl Shard {
                     }
                 }
                 _ = &mut sleep => {
-                    if reads_paused_until.is_some_and(|t| Instant::now() >= t) {
-                        reads_paused_until = None;
-                        if self.read_socket(usize::MAX) > 0 {
-                            reads_paused_until = Some(Instant::now() + read_pause);
-                        }
-                    }
                     self.fire_timers(Instant::now());
                     // Re-armed above, whatever is due next.
                     armed = far();
@@ -508,8 +493,10 @@ impl Shard {
         let max = args.max_handshakes.max(1);
         let in_flight = self.handshakes.load(Ordering::Relaxed);
         if self.closing.is_some() {
-            let t = self.endpoint.refuse(incoming, &mut buf);
-            self.out.push(&t, &buf);
+            // Shutting down: no answer at all. A refusal would make the client count a failed
+            // attempt and back off; unanswered, it retransmits its Initial and, when this is a
+            // restart, reaches the new server within its own open timeout.
+            self.endpoint.ignore(incoming);
         } else if !validated && in_flight >= args.validate_above {
             // Many handshakes at once: make the client prove its address first (a Retry costs
             // one stateless packet), so spoofed sources cannot take handshake slots.
@@ -1612,6 +1599,23 @@ impl Shard {
 
     fn begin_shutdown(&mut self) {
         let now = Instant::now();
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let (mut pings, mut acks, mut datagrams, mut sent, mut lost, mut probes) =
+                (0, 0, 0, 0, 0, 0);
+            for conn in self.conns.iter().flatten() {
+                let s = conn.quic.stats();
+                pings += s.frame_tx.ping;
+                acks += s.frame_tx.acks;
+                datagrams += s.frame_tx.datagram;
+                sent += s.path.sent_packets;
+                lost += s.path.lost_packets;
+                probes += s.path.sent_plpmtud_probes;
+            }
+            debug!(
+                shard = self.index,
+                pings, acks, datagrams, sent, lost, probes, "QUIC totals of open connections"
+            );
+        }
         self.closing = Some(now);
         let mut goodbye = Vec::new();
         let frame = StreamMessage::Goodbye {
