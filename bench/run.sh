@@ -51,8 +51,11 @@ run() {
   shift 4
   local prefix=("$@")
   local engine=${ENGINE:-proto}
-  echo "== $name: $transport, $sessions sessions, tick $tick_ms ms, engine $engine"
-  "${prefix[@]}" "$BIN" --threads 1 serve --engine "$engine" \
+  # One shard, like one runtime thread (--threads 1): the load generator needs the other core.
+  local shards=()
+  [ "$engine" = proto ] && shards=(--shards "${BENCH_SHARDS:-1}")
+  echo "== $name: $transport, $sessions sessions, tick $tick_ms ms, engine $engine ${shards[*]}"
+  "${prefix[@]}" "$BIN" --threads 1 serve --engine "$engine" "${shards[@]}" \
     --wt-listen "$LISTEN:14433" --http-listen "$LISTEN:18080" \
     --tick-ms "$tick_ms" --cert-dir "$CERTS" --max-sessions 60000 --max-http-conns-per-ip 60000 \
     >"$RAW/$name.server.log" 2>&1 &
