@@ -63,7 +63,8 @@ pub enum Transport {
 #[serde(rename_all = "lowercase")]
 pub enum Engine {
     /// wtransport (on quinn): a tokio task per session, a client endpoint per
-    /// `--sessions-per-endpoint` sessions.
+    /// `--sessions-per-endpoint` sessions. (`quinn` is accepted too, as in `serve --engine`.)
+    #[value(alias = "quinn")]
     Wtransport,
     /// quinn-proto driven directly: one thread per `--engine-threads` holds thousands of
     /// sessions, packets read and sent in batches.

@@ -234,12 +234,6 @@ pub struct ServeArgs {
     #[arg(long, env = "FLEETCAST_ENGINE", value_enum, default_value_t = Engine::Proto)]
     pub engine: Engine,
 
-    /// `--engine proto`: after reading packets, a shard leaves its socket unwatched this long
-    /// and then reads what came meanwhile in one batch (0: wake for every packet). Fewer
-    /// wake-ups, at most this much added to a packet's wait.
-    #[arg(long, env = "FLEETCAST_READ_PAUSE", default_value = "1ms", value_parser = parse_duration)]
-    pub read_pause: Duration,
-
     /// Shards of `--engine proto`: event loops, each on its own thread with its own UDP socket
     /// (default: one per core).
     #[arg(long, env = "FLEETCAST_SHARDS", value_parser = clap::value_parser!(u16).range(1..=64))]
@@ -429,7 +423,9 @@ impl ServeArgs {
 pub enum Engine {
     /// fleetcast's own QUIC, HTTP/3 and WebTransport server on quinn-proto.
     Proto,
-    /// wtransport on quinn: one task per connection.
+    /// wtransport on quinn: one task per connection. (`wtransport` is accepted too, as in
+    /// `swarm --engine`.)
+    #[value(alias = "wtransport")]
     Quinn,
 }
 

@@ -10,6 +10,12 @@ use wtransport::{Identity, ServerConfig};
 
 use super::ServeArgs;
 
+/// The largest WebTransport datagram payload (its quarter-stream-id byte included) that fits a
+/// 1,200-byte packet, the smallest path MTU QUIC allows: 1,200 minus the short header (1 + 8
+/// connection id + up to 4 packet number), the AEAD tag (16) and the DATAGRAM frame's type and
+/// length (1 + 2), rounded down for safety.
+pub const MIN_PATH_DATAGRAM: usize = 1150;
+
 /// QUIC limits for one session, sized for many small sessions rather than a few big flows.
 pub fn transport_config(args: &ServeArgs) -> Result<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
@@ -27,6 +33,15 @@ pub fn transport_config(args: &ServeArgs) -> Result<quinn::TransportConfig> {
     // One packet per session per tick gains nothing from GSO batching, and a connection keeps
     // its transmit buffer at the largest batch it ever sent (~10 packets): send one at a time.
     t.enable_segmentation_offload(false);
+    // Path MTU discovery probes every connection (4 probes each at the start, more every 10
+    // minutes) to carry bigger packets; a tick's datagrams fit the 1,200-byte minimum every
+    // QUIC path carries (1,162 bytes of datagram with our 8-byte connection ids) unless
+    // --datagram-budget asks for more, so probe only then.
+    if args.datagram_budget as usize + 1 > MIN_PATH_DATAGRAM {
+        t.mtu_discovery_config(Some(quinn::MtuDiscoveryConfig::default()));
+    } else {
+        t.mtu_discovery_config(None);
+    }
     t.datagram_send_buffer_size(args.datagram_send_buffer);
     t.datagram_receive_buffer_size(Some(args.datagram_recv_buffer));
     // Clients need the CONNECT stream and the three HTTP/3 control streams; nothing else.
