@@ -607,25 +607,16 @@ impl Shard {
         let Some(conn) = self.conns.get_mut(ch).and_then(Option::as_mut) else {
             return;
         };
+        // quinn-proto writes each transmit at the start of an empty buffer.
+        let mut scratch = std::mem::take(&mut self.out.scratch);
         loop {
-            self.out.scratch.clear();
-            let Some(t) = conn
-                .quic
-                .poll_transmit(now, self.max_gso, &mut self.out.scratch)
-            else {
+            scratch.clear();
+            let Some(t) = conn.quic.poll_transmit(now, self.max_gso, &mut scratch) else {
                 break;
             };
-            let start = self.out.buf.len();
-            self.out.buf.extend_from_slice(&self.out.scratch[..t.size]);
-            self.out.items.push(Item {
-                destination: t.destination,
-                ecn: t.ecn,
-                start,
-                len: t.size,
-                segment_size: t.segment_size,
-                src_ip: t.src_ip,
-            });
+            self.out.push(&t, &scratch);
         }
+        self.out.scratch = scratch;
         let timer = conn.quic.poll_timeout();
         if timer != conn.timer {
             conn.timer = timer;
