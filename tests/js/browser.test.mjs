@@ -208,6 +208,7 @@ test('a session the server closes shows its close code and reason in the page', 
     });
     await page.waitForFunction(() => window.fleetcast.lastClose !== null, null, { timeout: WAIT_MS });
     const f = await fleetcast(page);
+    if (process.env.FLEETCAST_DEBUG_CLOSE) process.stderr.write(`${JSON.stringify(f.lastClose)}\n${server.log()}\n`);
     assert.equal(f.lastClose.code, 2, `ProtocolViolation: ${JSON.stringify(f.lastClose)}`);
     assert.match(f.lastClose.reason, /clients must not send datagrams/);
     // And the page carries on with a new session.

@@ -1002,15 +1002,15 @@ impl Shard {
                 debug!(%remote, "the client ended the session: {why}");
                 if live {
                     self.end_session(ch, now, End::ClientEnded);
-                } else if let Some(Phase::Closing { code, reason }) = self
+                } else if self
                     .conns
-                    .get_mut(ch)
-                    .and_then(Option::as_mut)
-                    .map(|c| &mut c.phase)
+                    .get(ch)
+                    .and_then(Option::as_ref)
+                    .is_some_and(|c| matches!(c.phase, Phase::Closing { .. }))
                 {
-                    // The client answered our close capsule: close with our code.
-                    let (code, reason) = (*code, std::mem::take(reason));
-                    self.close(ch, now, code, &reason);
+                    // The client answered our close capsule. Chromium reports a QUIC close that
+                    // follows too closely as a lost connection rather than the capsule's code:
+                    // the connection closes at the deadline, unless the client closes it first.
                 } else {
                     self.close(ch, now, CloseCode::Normal.code(), CLIENT_ENDED);
                 }
@@ -1346,10 +1346,10 @@ impl Shard {
                 // The client has the refusal.
                 self.close(ch, now, h3::H3_NO_ERROR, "");
             }
-            Phase::Closing { code, reason } if connect == Some(id) => {
-                let (code, reason) = (*code, std::mem::take(reason));
-                self.close(ch, now, code, &reason);
-            }
+            // Phase::Closing: acknowledged is not processed. A browser that had the QUIC close
+            // right behind the capsule could report the close instead of the capsule's code:
+            // wait for the client to end its side (it does on reading the capsule), or for the
+            // deadline.
             Phase::Live(live) if live.uni == id && live.goodbye == Some(Goodbye::Acking) => {
                 // Acknowledged is not read: a browser discards stream bytes its page has not
                 // read yet when the session closes. Give the client a moment to read the
@@ -1472,8 +1472,8 @@ impl Shard {
     }
 
     /// Tells the client why the session ends with CLOSE_WEBTRANSPORT_SESSION (browsers show it
-    /// as `closeCode` and `reason`), then closes the connection with the same code once the
-    /// capsule is acknowledged, or after [`GOODBYE_WAIT`].
+    /// as `closeCode` and `reason`), then closes the connection with the same code after
+    /// [`GOODBYE_WAIT`] unless the client closes it first.
     fn close_with_capsule(&mut self, ch: usize, now: Instant, code: u32, reason: String) {
         let Some(conn) = self.conns.get_mut(ch).and_then(Option::as_mut) else {
             return;
