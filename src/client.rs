@@ -36,6 +36,19 @@ pub struct ConnectArgs {
     )]
     pub url: String,
 
+    /// Instead of --url: the HTTP base URL of a fleetcast node (`http://HOST:8080`;
+    /// comma-separated or repeated for several nodes). The session URL and certificate hashes
+    /// come from its `/config.json` and `/certificate.sha256`, the nodes its `/config.json`
+    /// lists under `servers` join the list, and each new connection goes to the next node, so
+    /// a client whose node dies moves on.
+    #[arg(
+        long,
+        env = "FLEETCAST_SERVER",
+        value_delimiter = ',',
+        conflicts_with = "url"
+    )]
+    pub server: Vec<String>,
+
     /// Trust a self-signed certificate with this SHA-256 (hex). Overrides --cert-hash-url.
     #[arg(long, env = "FLEETCAST_CERT_HASH")]
     pub cert_hash: Option<String>,
@@ -61,6 +74,7 @@ impl ConnectArgs {
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
+            server: Vec::new(),
             cert_hash: None,
             cert_hash_url: None,
             origin: None,
@@ -89,8 +103,12 @@ impl ConnectArgs {
         format!("http://{host}:8080/certificate.sha256")
     }
 
-    /// `host:port` of the server's HTTP side (taken from the certificate hash URL).
+    /// `host:port` of the server's HTTP side: the first `--server`'s, else the certificate
+    /// hash URL's.
     pub fn http_authority(&self) -> String {
+        if let Some(authority) = self.server.first().and_then(|s| authority(s)) {
+            return authority.to_string();
+        }
         authority(&self.hash_url())
             .unwrap_or("localhost:8080")
             .to_string()
@@ -110,6 +128,133 @@ impl ConnectArgs {
             None => Trust::SystemRoots,
         })
     }
+}
+
+/// Where one connection attempt goes: the session URL (with the token) and how to trust it.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Session URL, with `?token=` when a token is given.
+    pub url: String,
+    /// How to trust its certificate.
+    pub trust: Trust,
+    /// The node's URL without any token, for messages.
+    pub shown: String,
+}
+
+/// The nodes a client moves between (`--server`), in turn.
+#[derive(Debug, Default, Clone)]
+pub struct Nodes {
+    list: Vec<String>,
+    next: usize,
+}
+
+impl Nodes {
+    /// Every node known so far: the given ones, then the ones they listed.
+    pub fn list(&self) -> &[String] {
+        &self.list
+    }
+
+    /// Adds a node unless it is known.
+    fn learn(&mut self, base: &str) {
+        let base = base.trim_end_matches('/').to_string();
+        if !base.is_empty() && !self.list.contains(&base) {
+            self.list.push(base);
+        }
+    }
+}
+
+/// What a node's `/config.json` says about where its sessions are.
+#[derive(Debug, serde::Deserialize)]
+struct PageConfig {
+    webtransport_port: u16,
+    session_path: String,
+    #[serde(default)]
+    servers: Vec<String>,
+}
+
+impl ConnectArgs {
+    /// Where the next connection attempt goes: `--url`, or the next of the `--server` nodes.
+    pub async fn target(&self, nodes: &mut Nodes) -> Result<Target> {
+        if self.server.is_empty() {
+            return Ok(Target {
+                url: self.session_url(),
+                trust: self.trust().await?,
+                shown: self.url.clone(),
+            });
+        }
+        for base in &self.server {
+            nodes.learn(base);
+        }
+        let base = nodes.list[nodes.next % nodes.list.len()].clone();
+        nodes.next += 1;
+        let config_url = format!("{base}/config.json");
+        let response = reqwest::get(&config_url)
+            .await
+            .with_context(|| format!("fetching {config_url}"))?;
+        if !response.status().is_success() {
+            bail!("{config_url}: HTTP {}", response.status());
+        }
+        let body = response
+            .bytes()
+            .await
+            .with_context(|| format!("reading {config_url}"))?;
+        let config: PageConfig = serde_json::from_slice(&body)
+            .with_context(|| format!("{config_url} is not a fleetcast page configuration"))?;
+        for other in &config.servers {
+            nodes.learn(other);
+        }
+        let host = authority(&base)
+            .map(|authority| match authority.rfind(':') {
+                Some(i) if !authority[i..].contains(']') => &authority[..i],
+                _ => authority,
+            })
+            .with_context(|| format!("--server {base:?} has no host"))?;
+        let url = format!(
+            "https://{host}:{}{}",
+            config.webtransport_port, config.session_path
+        );
+        let trust = match &self.cert_hash {
+            Some(h) => Trust::Hashes(vec![parse_hash(h)?]),
+            None => match fetch_cert_hashes(&format!("{base}/certificate.sha256")).await? {
+                Some(hashes) => Trust::Hashes(hashes),
+                None => Trust::SystemRoots,
+            },
+        };
+        Ok(Target {
+            url: with_token(&url, self.token.as_deref()),
+            trust,
+            shown: url,
+        })
+    }
+}
+
+/// Every node a client can reach: `--url` alone, or each `--server` node and every node they
+/// list, resolved once. Their certificate hashes are merged (each node has its own
+/// self-signed certificate), so one client configuration trusts them all.
+pub async fn every_target(args: &ConnectArgs) -> Result<(Vec<String>, Trust)> {
+    let mut nodes = Nodes::default();
+    let mut urls = Vec::new();
+    let mut hashes = Vec::new();
+    let mut roots = false;
+    loop {
+        let target = args.target(&mut nodes).await?;
+        urls.push(target.url);
+        match target.trust {
+            Trust::Hashes(h) => hashes.extend(h),
+            Trust::SystemRoots => roots = true,
+        }
+        if args.server.is_empty() || urls.len() >= nodes.list().len() {
+            break;
+        }
+    }
+    let trust = match (roots, hashes.is_empty()) {
+        (false, _) => Trust::Hashes(hashes),
+        (true, true) => Trust::SystemRoots,
+        (true, false) => {
+            bail!("some servers use CA-issued certificates and some self-signed ones: use one kind")
+        }
+    };
+    Ok((urls, trust))
 }
 
 /// `url` with `token` (if any) as its `token` query parameter.
@@ -143,6 +288,10 @@ pub struct ClientOptions {
     pub idle_timeout: Duration,
     /// Bind the endpoint's UDP socket with this much kernel buffer (default: the kernel's).
     pub udp_buffer: Option<usize>,
+    /// Send a QUIC PING after this long without any packet from the server (default: never,
+    /// like a browser). With a short idle timeout it tells a dead server (nothing comes back:
+    /// the idle timeout ends the session) from a live one that has no ticks to send.
+    pub keep_alive: Option<Duration>,
 }
 
 impl ClientOptions {
@@ -153,6 +302,7 @@ impl ClientOptions {
             datagram_buffer: 1 << 20,
             idle_timeout: Duration::from_secs(30),
             udp_buffer: None,
+            keep_alive: None,
         }
     }
 }
@@ -209,8 +359,9 @@ pub fn endpoint(options: &ClientOptions) -> Result<Endpoint<endpoint_side::Clien
     .build();
     let mut transport = quinn::TransportConfig::default();
     transport.max_idle_timeout(Some(quinn::IdleTimeout::try_from(options.idle_timeout)?));
-    // Like a browser, send no keep-alives: acknowledging the server's datagrams keeps the
-    // connection alive, and a silent server is noticed by the idle timeout.
+    // By default, like a browser, send no keep-alives: acknowledging the server's datagrams
+    // keeps the connection alive, and a silent server is noticed by the idle timeout.
+    transport.keep_alive_interval(options.keep_alive);
     transport.datagram_receive_buffer_size(Some(options.datagram_buffer));
     transport.datagram_send_buffer_size(4096);
     config

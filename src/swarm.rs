@@ -650,6 +650,11 @@ impl Record {
 /// Shared state of a swarm run.
 struct Run {
     args: SwarmArgs,
+    /// Session URLs (one per node; tokens included): session `i` starts at `i % len` and
+    /// moves to the next each time an attempt fails or its session is lost.
+    targets: Vec<String>,
+    /// Sessions handed a first target so far.
+    next_target: AtomicUsize,
     window: Window,
     /// The server's nominal tick interval from its Hello, microseconds (0 until known).
     tick_interval_us: AtomicU64,
@@ -727,12 +732,14 @@ pub async fn run(args: SwarmArgs) -> Result<SwarmReport> {
     if args.engine_threads == 0 {
         bail!("--engine-threads must be at least 1");
     }
-    let trust = match args.transport {
+    let (targets, trust) = match args.transport {
         // The WebSocket fallback is plain ws:// (or TLS through a proxy's own certificate).
-        Transport::Websocket => Trust::SystemRoots,
-        Transport::Webtransport => args.connect.trust().await?,
+        Transport::Websocket => (vec![args.ws_url()], Trust::SystemRoots),
+        Transport::Webtransport => client::every_target(&args.connect).await?,
     };
     let run = Arc::new(Run {
+        targets,
+        next_target: AtomicUsize::new(0),
         window: Window::default(),
         tick_interval_us: AtomicU64::new(0),
         connected: AtomicUsize::new(0),
@@ -1163,6 +1170,7 @@ async fn session(
         permit,
         ever: false,
         down_since: None,
+        target: run.next_target.fetch_add(1, Ordering::Relaxed) % run.targets.len(),
     };
     let backoff = run.args.backoff();
     let mut attempt = 0u32;
@@ -1173,6 +1181,10 @@ async fn session(
             }
             None => websocket_session(&run, &stop, &mut life, &mut record).await,
         };
+        if !matches!(outcome, Outcome::Stopped) {
+            // Failed or lost: the next attempt tries the next node.
+            life.target = (life.target + 1) % run.targets.len();
+        }
         match outcome {
             Outcome::Stopped => break,
             Outcome::Failed(reason) => {
@@ -1223,6 +1235,8 @@ struct Life {
     ever: bool,
     /// Lost at this time and not back yet.
     down_since: Option<Instant>,
+    /// The node (index into the targets) its next attempt goes to.
+    target: usize,
 }
 
 impl Life {
@@ -1278,11 +1292,11 @@ async fn webtransport_session(
     record: &mut Record,
 ) -> Outcome {
     let deadline = attempt_deadline(run);
-    let url = run.args.connect.session_url();
+    let url = &run.targets[life.target];
     let opened = tokio::select! {
         _ = stop.cancelled() => return Outcome::Stopped,
         _ = until(deadline) => return Outcome::Failed(ConnectFailure::Timeout),
-        opened = client::open(endpoint, &url, run.args.connect.origin.as_deref()) => opened,
+        opened = client::open(endpoint, url, run.args.connect.origin.as_deref()) => opened,
     };
     let mut session = match opened {
         Ok(session) => session,

@@ -32,6 +32,12 @@ pub struct WatchArgs {
     #[arg(long)]
     pub json: bool,
 
+    /// A session that hears nothing from its server for this long ends and reconnects (to the
+    /// next node with several --server). The client pings a quiet server every third of it, so
+    /// only a dead or unreachable server hits it, not one whose ticks have stopped.
+    #[arg(long, default_value = "6s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+
     /// Longest wait between reconnection attempts.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub max_backoff: Duration,
@@ -89,6 +95,9 @@ pub struct Report {
     pub latency_ms: Latency,
     /// How the last session ended, if it did.
     pub last_end: Option<String>,
+    /// Session URLs that sessions opened at, in the order first used (several with
+    /// `--server` and more than one node).
+    pub session_urls: Vec<String>,
 }
 
 impl Report {
@@ -179,13 +188,17 @@ pub async fn run(args: WatchArgs, stop: CancellationToken) -> Result<Report> {
     let mut backoff = Duration::from_millis(250);
     let status = std::io::stderr().is_terminal() && !args.json;
     let mut session_no = 0u64;
+    let mut nodes = client::Nodes::default();
     loop {
         let attempt = async {
-            let trust = args.connect.trust().await?;
-            let endpoint = client::endpoint(&ClientOptions::new(trust))?;
-            let url = args.connect.session_url();
-            let session = client::open(&endpoint, &url, args.connect.origin.as_deref()).await?;
-            Ok::<_, anyhow::Error>((endpoint, session))
+            let target = args.connect.target(&mut nodes).await?;
+            let mut options = ClientOptions::new(target.trust);
+            options.idle_timeout = args.idle_timeout;
+            options.keep_alive = Some(args.idle_timeout / 3);
+            let endpoint = client::endpoint(&options)?;
+            let session =
+                client::open(&endpoint, &target.url, args.connect.origin.as_deref()).await?;
+            Ok::<_, anyhow::Error>((endpoint, session, target.shown))
         };
         let opened = tokio::select! {
             _ = &mut until_deadline => break,
@@ -194,10 +207,13 @@ pub async fn run(args: WatchArgs, stop: CancellationToken) -> Result<Report> {
         };
         match opened {
             Err(e) => warn!("cannot connect: {e:#}"),
-            Ok((_endpoint, mut session)) => {
+            Ok((_endpoint, mut session, shown)) => {
                 session_no += 1;
                 report.sessions += 1;
-                info!("session {session_no} open at {}", args.connect.url);
+                info!("session {session_no} open at {shown}");
+                if !report.session_urls.contains(&shown) {
+                    report.session_urls.push(shown);
+                }
                 let mut view = FleetView::new();
                 let mut last_status = Instant::now();
                 let ended = loop {

@@ -261,3 +261,46 @@ async fn reconnect_after_a_restart(engine: Engine) {
     second.shutdown();
     second.wait().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webtransport_swarm_spreads_sessions_over_every_server_node() {
+    spread_over_nodes(Engine::Wtransport).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proto_engine_swarm_spreads_sessions_over_every_server_node() {
+    spread_over_nodes(Engine::Proto).await;
+}
+
+/// `--server A,B`: each node's `/config.json` and certificate hash are fetched, and the
+/// sessions alternate between the nodes.
+async fn spread_over_nodes(engine: Engine) {
+    // Dual-stack, so the session URL built from the HTTP address (127.0.0.1) reaches it.
+    let dual = |a: &mut fleetcast::server::ServeArgs| a.wt_listen = "[::]:0".parse().unwrap();
+    let (a, b) = (TestServer::start(dual).await, TestServer::start(dual).await);
+    let mut args = args(&a, Transport::Webtransport, 20);
+    args.connect = ConnectArgs {
+        server: vec![
+            format!("http://{}", a.server.http_addr),
+            format!("http://{}", b.server.http_addr),
+        ],
+        ..ConnectArgs::new("https://unused.invalid/positions")
+    };
+    args.metrics_url = None;
+    args.engine = engine;
+    if engine == Engine::Proto {
+        args.sessions_per_endpoint = None;
+    }
+    let report = swarm::run(args).await.expect("swarm runs");
+    assert_eq!(report.sessions_connected, 20, "{report:?}");
+    // Two separate servers make separate ticks (the swarm's delivery window expects one
+    // stream), so count what arrived: about 20 ticks of 100 ms for each of 20 sessions.
+    assert!(report.datagrams >= 20 * 15, "{report:?}");
+    for ts in [&a, &b] {
+        assert_eq!(
+            ts.counter("sessions_accepted"),
+            10,
+            "half the sessions on each node"
+        );
+    }
+}

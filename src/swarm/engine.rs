@@ -47,15 +47,52 @@ const MAX_SLEEP: Duration = Duration::from_millis(50);
 /// Bytes per receive buffer: room for a full GRO batch.
 const RECV_SLOT: usize = 64 * 1024;
 
-/// What every engine thread shares: the QUIC client configuration and the request bytes.
+/// What every engine thread shares: the QUIC client configuration and the servers.
 struct Shared {
     config: ClientConfig,
-    remote: SocketAddr,
-    server_name: String,
+    /// Where sessions go: slot `s` starts at target `s % len` and moves to the next one each
+    /// time an attempt fails or its session is lost.
+    targets: Vec<Target>,
     /// The control stream's bytes (type and SETTINGS).
     control: Vec<u8>,
+}
+
+/// One server (node) sessions connect to.
+struct Target {
+    remote: SocketAddr,
+    server_name: String,
     /// The extended CONNECT request (one HEADERS frame).
     request: Vec<u8>,
+}
+
+impl Target {
+    fn new(url: &str, origin: Option<&str>) -> Result<Target> {
+        let parsed = reqwest::Url::parse(url).with_context(|| {
+            format!(
+                "parsing the session URL {}",
+                crate::client::without_query(url)
+            )
+        })?;
+        let Some(host) = parsed.host_str() else {
+            bail!("the session URL has no host");
+        };
+        // An IPv6 host comes in brackets; TLS wants the bare address.
+        let server_name = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let port = parsed.port_or_known_default().unwrap_or(443);
+        let remote = (server_name.as_str(), port)
+            .to_socket_addrs()
+            .with_context(|| format!("resolving {server_name}"))?
+            .next()
+            .with_context(|| format!("{server_name} has no address"))?;
+        Ok(Target {
+            remote,
+            server_name,
+            request: h3::connect_request(url, origin)?,
+        })
+    }
 }
 
 /// Starts the engine threads for `run`'s sessions. Each thread opens its share of the sessions
@@ -68,33 +105,22 @@ pub(super) fn spawn(
     connect_deadline: Instant,
 ) -> Result<Vec<std::thread::JoinHandle<()>>> {
     let args = &run.args;
-    let url = args.connect.session_url();
-    let parsed = reqwest::Url::parse(&url).with_context(|| {
-        format!(
-            "parsing the session URL {}",
-            crate::client::without_query(&url)
-        )
-    })?;
-    let Some(host) = parsed.host_str() else {
-        bail!("the session URL has no host");
-    };
-    // An IPv6 host comes in brackets; TLS wants the bare address.
-    let server_name = host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_string();
-    let port = parsed.port_or_known_default().unwrap_or(443);
-    let remote = (server_name.as_str(), port)
-        .to_socket_addrs()
-        .with_context(|| format!("resolving {server_name}"))?
-        .next()
-        .with_context(|| format!("{server_name} has no address"))?;
+    let targets = run
+        .targets
+        .iter()
+        .map(|url| Target::new(url, args.connect.origin.as_deref()))
+        .collect::<Result<Vec<_>>>()?;
+    let remote = targets[0].remote;
+    if targets
+        .iter()
+        .any(|t| t.remote.is_ipv4() != remote.is_ipv4())
+    {
+        bail!("the servers mix IPv4 and IPv6 addresses: give them all in one family");
+    }
     let shared = Arc::new(Shared {
         config: client_config(&trust)?,
-        remote,
-        server_name,
+        targets,
         control: h3::control_stream(),
-        request: h3::connect_request(&url, args.connect.origin.as_deref())?,
     });
     let threads = args.engine_threads.clamp(1, args.sessions);
     let per_endpoint = args.sessions_per_endpoint().max(1);
@@ -196,6 +222,8 @@ struct Conn {
     timer: Option<Instant>,
     /// On the dirty list.
     dirty: bool,
+    /// The server it connects to (index into the targets).
+    target: usize,
     app: App,
 }
 
@@ -244,6 +272,8 @@ struct Slot {
     down_since: Option<Instant>,
     /// Failed attempts since the last success (the backoff's exponent).
     attempt: u32,
+    /// The server its next attempt goes to (index into the targets); set at the first.
+    target: Option<usize>,
     state: SlotState,
 }
 
@@ -263,6 +293,13 @@ enum SlotState {
 }
 
 impl Slot {
+    /// Moves the next attempt on to the next server.
+    fn next_target(&mut self, targets: usize) {
+        if let Some(t) = &mut self.target {
+            *t = (*t + 1) % targets;
+        }
+    }
+
     fn new(churned_in: bool) -> Self {
         Self {
             record: Record::default(),
@@ -271,6 +308,7 @@ impl Slot {
             permit: false,
             down_since: None,
             attempt: 0,
+            target: None,
             state: SlotState::Idle,
         }
     }
@@ -639,12 +677,15 @@ impl Engine {
     /// Opens a new connection for slot `s`.
     fn start_attempt(&mut self, s: usize, now: Instant) {
         let i = (s / self.per_endpoint).min(self.sockets.len() - 1);
+        let targets = self.shared.targets.len();
+        let t = *self.slots[s].target.get_or_insert(s % targets);
+        let target = &self.shared.targets[t];
         let sock = &mut self.sockets[i];
         let connected = sock.endpoint.connect(
             now,
             self.shared.config.clone(),
-            self.shared.remote,
-            &self.shared.server_name,
+            target.remote,
+            &target.server_name,
         );
         let (ch, qc) = match connected {
             Ok(c) => c,
@@ -662,6 +703,7 @@ impl Engine {
             slot: Some(s),
             timer: None,
             dirty: true,
+            target: t,
             app: App::default(),
         });
         self.live_conns += 1;
@@ -742,6 +784,7 @@ impl Engine {
                 }
                 let slot = &mut self.slots[s];
                 slot.attempt = slot.attempt.saturating_add(1);
+                slot.next_target(self.shared.targets.len());
             }
             Outcome::Lost(e) => {
                 debug!("session ended: {e}");
@@ -753,6 +796,7 @@ impl Engine {
                 }
                 slot.down_since = Some(now);
                 slot.attempt = 0;
+                slot.next_target(self.shared.targets.len());
                 run.note_loss();
             }
         }
@@ -921,7 +965,7 @@ fn on_event(
             match conn.qc.streams().open(Dir::Bi) {
                 Some(id) => {
                     conn.app.bidi = Some(id);
-                    write(conn, id, &shared.request);
+                    write(conn, id, &shared.targets[conn.target].request);
                 }
                 None => end(
                     conn,
