@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::proto::quant::{age_step, heading_step, Quantisation, METRES_PER_DEGREE};
 use crate::proto::wire::{Bounds, CarInfo, CarSample, StreamMessage};
@@ -158,7 +158,7 @@ pub struct FixInput {
 }
 
 /// A fix that passed every check that does not depend on the fleet state.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Fix {
     /// Operator id.
     pub id: String,
@@ -299,7 +299,7 @@ pub fn format_time(us: u64) -> String {
 }
 
 /// Who reports a car.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Source {
     /// The built-in simulator.
     Simulator,
@@ -308,7 +308,7 @@ pub enum Source {
 }
 
 /// A car as the fleet state holds it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Car {
     /// The operator's id.
     pub id: String,
@@ -339,6 +339,18 @@ enum Change {
     Removed(u32),
 }
 
+/// Everything a [`FleetState`] must carry over to another process to continue it exactly:
+/// the same wire ids, the same roster version, the same next wire id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FleetCheckpoint {
+    /// Every car, by ascending wire id.
+    pub cars: Vec<Car>,
+    /// The wire id the next new car gets.
+    pub next_wire_id: u32,
+    /// The roster version the cars are at.
+    pub roster_version: u64,
+}
+
 /// Every car's newest fix, keyed by wire id (ascending, as the wire wants them).
 #[derive(Debug, Clone)]
 pub struct FleetState {
@@ -367,6 +379,39 @@ impl FleetState {
             changes: Vec::new(),
             roster_version: 0,
         }
+    }
+
+    /// The state to continue from elsewhere (see [`FleetState::restore`]). Pending roster
+    /// changes are not part of it: take them first.
+    pub fn checkpoint(&self) -> FleetCheckpoint {
+        FleetCheckpoint {
+            cars: self.cars.values().cloned().collect(),
+            next_wire_id: self.next_wire_id,
+            roster_version: self.roster_version,
+        }
+    }
+
+    /// A fleet that continues `checkpoint`: same cars, wire ids and roster version, no pending
+    /// changes. A car listed twice keeps its last entry.
+    pub fn restore(area: Area, max_cars: usize, checkpoint: FleetCheckpoint) -> Self {
+        let mut fleet = FleetState::new(area, max_cars);
+        for car in checkpoint.cars {
+            if let Some(old) = fleet.by_id.insert(car.id.clone(), car.wire_id) {
+                if let Some(gone) = fleet.cars.remove(&old) {
+                    if gone.source == Source::Publisher {
+                        fleet.published -= 1;
+                    }
+                }
+            }
+            if car.source == Source::Publisher {
+                fleet.published += 1;
+            }
+            fleet.next_wire_id = fleet.next_wire_id.max(car.wire_id.wrapping_add(1));
+            fleet.cars.insert(car.wire_id, car);
+        }
+        fleet.next_wire_id = fleet.next_wire_id.max(checkpoint.next_wire_id);
+        fleet.roster_version = checkpoint.roster_version;
+        fleet
     }
 
     /// The served area.
@@ -517,6 +562,12 @@ impl FleetState {
     fn record(&mut self, change: Change) {
         self.changes.push(change);
         self.roster_version += 1;
+    }
+
+    /// The roster version before the changes [`FleetState::take_changes`] would return: every
+    /// change moves the version on by one.
+    pub fn version_before_changes(&self) -> u64 {
+        self.roster_version - self.changes.len() as u64
     }
 
     /// The roster changes since the last call, as stream messages in the order they happened
@@ -823,5 +874,44 @@ mod tests {
         assert_eq!(s.len(), 1);
         assert_eq!((s[0].x, s[0].y), (10_000, 20_000));
         assert_eq!((s[0].heading, s[0].speed, s[0].age), (64, 44, 23));
+    }
+
+    #[test]
+    fn restore_continues_wire_ids_roster_version_and_limits() {
+        let a = area();
+        let (lat, lon) = a.quant.to_lat_lon(100.0, 100.0);
+        let mut f = FleetState::new(a, 2);
+        f.apply(fix("a", lat, lon, Some(T0)), Source::Publisher, T0)
+            .unwrap();
+        f.apply(fix("b", lat, lon, Some(T0)), Source::Publisher, T0)
+            .unwrap();
+        f.remove("b");
+        f.take_changes();
+        let saved = f.checkpoint();
+        // Through the bytes another node would read.
+        let bytes = postcard::to_allocvec(&saved).unwrap();
+        let back: FleetCheckpoint = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(back, saved);
+        let mut g = FleetState::restore(a, 2, back);
+        assert_eq!(g.roster_version(), f.roster_version());
+        assert_eq!(g.roster(), f.roster());
+        assert!(
+            g.take_changes().is_empty(),
+            "a restored fleet has no pending changes"
+        );
+        // "b" left with wire id 1: a new car must not get it again.
+        g.apply(fix("c", lat, lon, Some(T0)), Source::Publisher, T0)
+            .unwrap();
+        assert_eq!(g.car("c").unwrap().wire_id, 2);
+        // The publishers' limit counts restored cars.
+        let e = g
+            .apply(fix("d", lat, lon, Some(T0)), Source::Publisher, T0)
+            .unwrap_err();
+        assert_eq!(e, FixError::Full(2));
+        // Older fixes are still refused against the restored time.
+        let e = g
+            .apply(fix("a", lat, lon, Some(T0 - 1)), Source::Publisher, T0)
+            .unwrap_err();
+        assert!(matches!(e, FixError::Older { .. }), "{e:?}");
     }
 }

@@ -357,3 +357,38 @@ async fn a_session_that_never_reads_its_stream_is_closed_at_the_write_timeout() 
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_session_survives_a_pause_in_ticks_longer_than_the_idle_timeout() {
+    // A cluster whose NATS is away sends no ticks for a while: the sessions must stay open.
+    let ts = TestServer::start(|a| a.idle_timeout = Duration::from_secs(1)).await;
+    // Like a browser, the client sends no keep-alives of its own.
+    let (_endpoint, mut session) = ts.open().await;
+    let mut view = common::initial_state(&mut session).await;
+    let paused = ts.server.danger_pause_ticks().await;
+    let newest = ts.healthz().await["tick"].as_u64().unwrap();
+    // Three idle timeouts without a tick: only the server's PINGs keep the session open.
+    let quiet = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            match session.next().await {
+                Ok(_) => {}
+                Err(end) => return end,
+            }
+        }
+    })
+    .await;
+    if let Ok(end) = quiet {
+        panic!("the session ended during the pause: {end}");
+    }
+    drop(paused);
+    assert!(
+        common::follow(
+            &mut session,
+            &mut view,
+            Duration::from_secs(5),
+            |_, part| { part.is_some_and(|p| p.tick > newest) }
+        )
+        .await,
+        "no tick after the pause"
+    );
+}

@@ -106,6 +106,9 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub ingest: IngestArgs,
 
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+
     /// Largest datagram payload the server encodes a tick into, bytes. Below QUIC's guaranteed
     /// minimum so one encoding fits every session; smaller sessions get their own encoding.
     /// At most 1421, the most a QUIC datagram can carry.
@@ -299,6 +302,17 @@ impl ServeArgs {
             return Err("--churn-ticks needs at least one simulated car (--cars)".into());
         }
         self.check_limits()?;
+        let cluster = &self.cluster;
+        if cluster.enabled() && cluster.lease < Duration::from_millis(500) {
+            return Err("--lease must be at least 500ms".into());
+        }
+        for url in &cluster.servers {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(format!(
+                    "--servers {url:?}: give base URLs like https://HOST:PORT"
+                ));
+            }
+        }
         if !ingest && !tokens.is_empty() {
             // FLEETCAST_PUBLISH_TOKEN may be exported for `fleetcast publish` on this machine:
             // not an error, but ingest stays off.
@@ -581,6 +595,94 @@ impl std::str::FromStr for PublishToken {
         }
         Ok(PublishToken(s.to_string()))
     }
+}
+
+/// Many nodes joined by NATS (`--nats`): see `docs/deploy.md`.
+#[derive(Debug, Clone, Args)]
+pub struct ClusterArgs {
+    /// NATS server URL(s) to join a cluster of fleetcast nodes through (comma-separated or
+    /// repeated: the servers of one NATS cluster). Without it, this process is the whole
+    /// deployment and nothing else is needed.
+    #[arg(long, env = "FLEETCAST_NATS", value_delimiter = ',')]
+    pub nats: Vec<String>,
+
+    /// NATS authentication token.
+    #[arg(long, env = "FLEETCAST_NATS_TOKEN", hide_env_values = true)]
+    pub nats_token: Option<String>,
+
+    /// NATS user name (with --nats-password).
+    #[arg(long, env = "FLEETCAST_NATS_USER", requires = "nats_password")]
+    pub nats_user: Option<String>,
+
+    /// NATS password (with --nats-user).
+    #[arg(
+        long,
+        env = "FLEETCAST_NATS_PASSWORD",
+        hide_env_values = true,
+        requires = "nats_user"
+    )]
+    pub nats_password: Option<String>,
+
+    /// NATS credentials file (JWT and NKey seed, as `nsc` writes it).
+    #[arg(long, env = "FLEETCAST_NATS_CREDS")]
+    pub nats_creds: Option<PathBuf>,
+
+    /// Prefix of every NATS subject and bucket this deployment uses: nodes with the same
+    /// prefix form one cluster; several deployments can share one NATS.
+    #[arg(long, env = "FLEETCAST_NATS_PREFIX", default_value = "fleetcast",
+          value_parser = parse_nats_prefix)]
+    pub nats_prefix: String,
+
+    /// How long the ticker's lease lasts without renewal: after the ticker dies, another node
+    /// ticks within this plus one tick interval. Renewed every third of it.
+    #[arg(long, env = "FLEETCAST_LEASE", default_value = "3s", value_parser = parse_duration)]
+    pub lease: Duration,
+
+    /// This node's name in `/healthz`, `/metrics` and the ticker lease; default: host name and
+    /// process id.
+    #[arg(long, env = "FLEETCAST_NODE_NAME")]
+    pub node_name: Option<String>,
+
+    /// Base URLs of every node's HTTP side (comma-separated, e.g.
+    /// `https://a.fleet.example:8080,https://b.fleet.example:8080`), listed in `/config.json`
+    /// as `servers` so clients can move to another node when theirs goes away.
+    #[arg(long, env = "FLEETCAST_SERVERS", value_delimiter = ',')]
+    pub servers: Vec<String>,
+}
+
+impl ClusterArgs {
+    /// Whether this node is part of a cluster.
+    pub fn enabled(&self) -> bool {
+        !self.nats.is_empty()
+    }
+
+    /// The node's name: `--node-name`, else host name and process id.
+    pub fn node_name(&self) -> String {
+        self.node_name.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "node".into());
+            format!("{host}-{}", std::process::id())
+        })
+    }
+}
+
+/// A NATS subject token and bucket-name prefix: letters, digits, `-` and `_`.
+fn parse_nats_prefix(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.len() > 32 {
+        return Err("1-32 characters".into());
+    }
+    if !s
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(
+            "only letters, digits, '-' and '_' (it names NATS subjects and buckets)".into(),
+        );
+    }
+    Ok(s.to_string())
 }
 
 /// Position ingest: publishers, their tokens and limits.

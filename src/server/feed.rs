@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, trace, warn};
 
+use super::cluster::Cluster;
 use super::{now_us, EncodedTick, Member, Shared, Snapshot, Stats};
 use crate::fleet::{Fix, FleetState, Source};
 use crate::proto::pack::pack_tick;
@@ -116,6 +117,11 @@ impl TickHealth {
         self.stopped.store(true, Ordering::Relaxed);
     }
 
+    /// Whether the loop has ended.
+    pub(crate) fn stopped(&self) -> bool {
+        self.stopped.load(Ordering::Relaxed)
+    }
+
     /// Time since the newest tick (or since start, before the first).
     pub(crate) fn since_last_tick(&self) -> Duration {
         let last = Duration::from_millis(self.last_tick_ms.load(Ordering::Relaxed));
@@ -176,26 +182,84 @@ pub(crate) fn snapshot(
     }
 }
 
-/// Runs ticks until `token` is cancelled.
+/// One tick, ready for every session on this node.
+pub(crate) struct TickOut {
+    pub tick: u64,
+    pub time_us: u64,
+    /// Roster events since the previous tick, in order.
+    pub events: Vec<StreamMessage>,
+    /// The roster after them.
+    pub roster: Arc<Vec<CarInfo>>,
+    /// Every car, by ascending id.
+    pub cars: Arc<Vec<CarSample>>,
+    /// The tick's datagram payloads under `--datagram-budget`, when already packed (always:
+    /// by the tick loop on a single node, by the ticker in a cluster). Sessions that can take
+    /// that budget get exactly these bytes behind their header.
+    pub packed: Option<Arc<Vec<Vec<u8>>>>,
+}
+
+/// Where the tick loop's ticks go.
+enum Sink {
+    /// Straight to this node's sessions.
+    Local(watch::Sender<Arc<Snapshot>>),
+    /// To NATS, while this node holds the ticker lease; every node (this one included)
+    /// forwards them from there (`cluster::run_edge`).
+    Cluster(Arc<Cluster>),
+}
+
+/// Runs the tick loop (and, in a cluster, the edge that forwards the cluster's ticks) until
+/// `token` is cancelled.
 pub(crate) async fn run(
     shared: Arc<Shared>,
-    mut sim: Option<SimSource>,
+    sim: Option<SimSource>,
     latest: watch::Sender<Arc<Snapshot>>,
     token: CancellationToken,
 ) {
+    let _stopped = Stopped(&shared.tick_health);
+    match shared.cluster.clone() {
+        None => produce(&shared, sim, Sink::Local(latest), &token).await,
+        Some(cluster) => {
+            let edge =
+                super::cluster::run_edge(cluster.clone(), shared.clone(), latest, token.clone());
+            let ticker = produce(&shared, sim, Sink::Cluster(cluster), &token);
+            tokio::join!(edge, ticker);
+        }
+    }
+    debug!("tick loop stopped");
+}
+
+/// The tick number of the wall-clock tick boundary at or before `time_us`: ticks count
+/// `period_us` intervals since the Unix epoch, so every node, and every restart, numbers
+/// the same instant alike.
+pub(crate) fn tick_at(time_us: u64, period_us: u64) -> u64 {
+    time_us / period_us
+}
+
+/// Produces a tick at every wall-clock tick boundary: reads the fleet state once, packs the
+/// datagrams once, and hands them to the sink. In a cluster, only the node holding the ticker
+/// lease produces.
+async fn produce(
+    shared: &Shared,
+    mut sim: Option<SimSource>,
+    sink: Sink,
+    token: &CancellationToken,
+) {
     let period = Duration::from_millis(u64::from(shared.args.tick_ms));
-    let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-    // After a stall, carry on from now rather than bursting the missed ticks.
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let period_us = period.as_micros() as u64;
+    let budget = shared.args.datagram_budget as usize;
     let car_timeout_us = shared.args.ingest.car_timeout.as_micros() as u64;
-    let mut tick: u64 = 0;
+    let mut last_tick: u64 = 0;
     let mut roster_version = None;
     let mut roster = Arc::new(Vec::new());
-    let _stopped = Stopped(&shared.tick_health);
     loop {
+        // Sleep to the next boundary; after a stall, carry on from now rather than bursting
+        // the missed ticks.
+        let now = now_us();
+        let next = tick_at(now, period_us) + 1;
+        let wait = Duration::from_micros((next * period_us).saturating_sub(now));
         tokio::select! {
             _ = token.cancelled() => break,
-            _ = interval.tick() => {}
+            _ = tokio::time::sleep(wait) => {}
         }
         // Held for the whole tick: a test holding it stops ticks (see `danger_pause_ticks`).
         let _gate = tokio::select! {
@@ -205,9 +269,16 @@ pub(crate) async fn run(
         if shared.tick_panic.load(Ordering::Relaxed) {
             panic!("tick loop panicked on purpose (danger_panic_tick_loop)");
         }
-        tick += 1;
+        // Never backwards, never one number twice, even if the wall clock steps back.
+        let tick = tick_at(now_us(), period_us).max(next).max(last_tick + 1);
+        last_tick = tick;
+        if let Sink::Cluster(cluster) = &sink {
+            if !cluster.is_ticker() {
+                continue;
+            }
+        }
         let time_us = now_us();
-        let (events, cars) = {
+        let (from, to, events, cars, checkpoint) = {
             let mut fleet = shared.fleet.lock().expect("fleet lock poisoned");
             if let Some(sim) = &mut sim {
                 sim.step(tick, period, &mut fleet, time_us);
@@ -220,39 +291,102 @@ pub(crate) async fn run(
                 roster_version = Some(fleet.roster_version());
                 roster = Arc::new(fleet.roster());
             }
-            (fleet.take_changes(), Arc::new(fleet.samples(time_us)))
+            let from = fleet.version_before_changes();
+            let events = fleet.take_changes();
+            let checkpoint = matches!(sink, Sink::Cluster(_)).then(|| fleet.checkpoint());
+            (
+                from,
+                fleet.roster_version(),
+                events,
+                Arc::new(fleet.samples(time_us)),
+                checkpoint,
+            )
         };
-        shared.publish(
-            events,
-            snapshot(tick, time_us, &roster, cars.clone()),
-            &latest,
-        );
-        // After the snapshot, so a WebSocket session that read the snapshot of this tick never
-        // waits for it on the tick channel and never counts it as missed.
-        let mut encoder = TickEncoder::new(tick, time_us, &cars);
-        publish_websocket_tick(&shared, &mut encoder);
-        // The engine's shards (`--engine proto`) encode and send it on their own threads.
-        shared.engine_ticks.send_if_modified(|newest| {
-            let listening = shared.engine_ticks.receiver_count() > 0;
-            if listening {
-                *newest = Some(Arc::new(super::engine::EngineTick {
+        let packed = match pack_tick(tick, time_us, &cars, budget) {
+            Ok(parts) => Some(Arc::new(parts)),
+            Err(e) => {
+                warn!(tick, budget, "cannot encode tick: {e}");
+                None
+            }
+        };
+        match &sink {
+            Sink::Local(latest) => {
+                let out = TickOut {
                     tick,
                     time_us,
-                    cars: cars.clone(),
-                }));
+                    events,
+                    roster: roster.clone(),
+                    cars,
+                    packed,
+                };
+                deliver(shared, latest, out).await;
             }
-            listening
-        });
-        let started = std::time::Instant::now();
-        let sent = fan_out(&shared, &mut encoder).await;
-        if shared.engine_ticks.receiver_count() == 0 {
-            shared.stats.fanout_seconds.observe(started.elapsed());
+            Sink::Cluster(cluster) => {
+                let Some(packed) = packed else { continue };
+                let Some(fleet) = checkpoint else { continue };
+                let tick = super::cluster::wire::ClusterTick {
+                    format: super::cluster::wire::FORMAT,
+                    config: cluster.config,
+                    epoch: cluster.epoch().unwrap_or(0),
+                    node: cluster.node.clone(),
+                    tick,
+                    time_us,
+                    roster_from: from,
+                    roster_to: to,
+                    events,
+                    payloads: packed.to_vec(),
+                };
+                cluster.publish_tick(shared, tick, fleet).await;
+            }
         }
-        Stats::inc(&shared.stats.ticks);
-        shared.tick_health.beat();
-        trace!(tick, sent, elapsed = ?started.elapsed(), "tick fanned out");
     }
-    debug!("tick loop stopped");
+}
+
+/// Hands one tick to every session on this node: the snapshot and roster events for the
+/// reliable streams, the datagrams for WebSocket, the engine's shards and the quinn sessions.
+pub(crate) async fn deliver(shared: &Shared, latest: &watch::Sender<Arc<Snapshot>>, out: TickOut) {
+    let TickOut {
+        tick,
+        time_us,
+        events,
+        roster,
+        cars,
+        packed,
+    } = out;
+    shared.publish(
+        events,
+        snapshot(tick, time_us, &roster, cars.clone()),
+        latest,
+    );
+    // After the snapshot, so a WebSocket session that read the snapshot of this tick never
+    // waits for it on the tick channel and never counts it as missed.
+    let budget = shared.args.datagram_budget as usize;
+    let mut encoder = TickEncoder::new(tick, time_us, &cars);
+    if let Some(packed) = &packed {
+        encoder.seed(budget, packed.clone());
+    }
+    publish_websocket_tick(shared, &mut encoder);
+    // The engine's shards (`--engine proto`) frame and send it on their own threads.
+    shared.engine_ticks.send_if_modified(|newest| {
+        let listening = shared.engine_ticks.receiver_count() > 0;
+        if listening {
+            *newest = Some(Arc::new(super::engine::EngineTick {
+                tick,
+                time_us,
+                cars: cars.clone(),
+                packed: packed.clone(),
+            }));
+        }
+        listening
+    });
+    let started = std::time::Instant::now();
+    let sent = fan_out(shared, &mut encoder).await;
+    if shared.engine_ticks.receiver_count() == 0 {
+        shared.stats.fanout_seconds.observe(started.elapsed());
+    }
+    Stats::inc(&shared.stats.ticks);
+    shared.tick_health.beat();
+    trace!(tick, sent, elapsed = ?started.elapsed(), "tick fanned out");
 }
 
 /// One tick's datagrams for one session header and payload budget.
@@ -317,6 +451,11 @@ impl<'a> TickEncoder<'a> {
         });
         self.framed.insert(key, framed.clone());
         framed
+    }
+
+    /// Uses `parts`, already packed under `budget`, instead of packing again.
+    pub(crate) fn seed(&mut self, budget: usize, parts: Arc<Vec<Vec<u8>>>) {
+        self.packed.insert(budget, Some(parts));
     }
 
     /// Distinct payload budgets encoded so far.

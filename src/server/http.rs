@@ -481,6 +481,7 @@ async fn config(State(shared): State<Arc<Shared>>) -> Response {
         "websocket_path": WEBSOCKET_PATH,
         "tick_interval_ms": shared.args.tick_ms,
         "token_required": shared.args.subscribe_secret.is_some(),
+        "servers": shared.args.cluster.servers,
     }))
     .into_response()
 }
@@ -496,13 +497,31 @@ async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
     }
     let period = std::time::Duration::from_millis(u64::from(shared.args.tick_ms));
     let health = shared.tick_health.check(period);
-    let status = match &health {
-        Ok(()) => StatusCode::OK,
-        Err(_) => StatusCode::SERVICE_UNAVAILABLE,
+    let nats_down = shared.cluster.as_ref().filter(|c| !c.connected());
+    let (status, state, reason) = match (&health, &shared.cluster) {
+        // In a cluster, ticks that stop arriving are the cluster's trouble (no NATS, no
+        // ticker): restarting this node would only cost its sessions, so it stays 200 and says
+        // `degraded`. Its own tick loop stopping is this node's, as on a single node.
+        (Err(why), _) if shared.tick_health.stopped() || shared.cluster.is_none() => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unhealthy",
+            Some(why.clone()),
+        ),
+        _ if nats_down.is_some() => {
+            let ms = nats_down.map_or(0, |c| c.disconnected_for_ms());
+            let why =
+                format!("NATS unreachable (for {ms} ms): no ticks, no ingest; sessions are kept");
+            (StatusCode::OK, "degraded", Some(why))
+        }
+        (Err(why), _) => {
+            let why = format!("{why}: no ticks from the cluster (no node holds the ticker lease?)");
+            (StatusCode::OK, "degraded", Some(why))
+        }
+        (Ok(()), _) => (StatusCode::OK, "ok", None),
     };
-    let body = serde_json::json!({
-        "status": if health.is_ok() { "ok" } else { "unhealthy" },
-        "reason": health.err(),
+    let mut body = serde_json::json!({
+        "status": state,
+        "reason": reason,
         "last_tick_ms_ago": shared.tick_health.since_last_tick().as_millis() as u64,
         "session_path": SESSION_PATH,
         "sessions": shared.sessions.load(Ordering::Relaxed),
@@ -510,6 +529,21 @@ async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
         "cars": latest.cars.len(),
         "counters": counters,
     });
+    if let Some(cluster) = &shared.cluster {
+        let ticker_node = cluster
+            .ticker_node
+            .lock()
+            .expect("ticker lock poisoned")
+            .clone();
+        body["node"] = cluster.node.clone().into();
+        body["ticker"] = cluster.is_ticker().into();
+        body["cluster"] = serde_json::json!({
+            "nats_connected": cluster.connected(),
+            "nats_disconnected_ms": cluster.disconnected_for_ms(),
+            "ticker_node": ticker_node,
+            "foreign_config": cluster.foreign_config.load(Ordering::Relaxed),
+        });
+    }
     (status, Json(body)).into_response()
 }
 

@@ -27,10 +27,12 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tracing::{debug, info, Instrument};
 
+use super::cluster::wire::{FleetOp, FleetReply};
+use super::cluster::{fleet_op, Unavailable};
 use super::config::PublishToken;
 use super::rate::Bucket;
 use super::ws::WsState;
-use super::{now_us, Shared, Stats};
+use super::{Shared, Stats};
 use crate::fleet::{fix_from_json, format_time, Source};
 
 /// Path of the HTTP ingest endpoint.
@@ -69,6 +71,8 @@ enum Refusal {
     TooLarge(usize),
     UnsupportedType(String),
     Malformed(ParseError),
+    /// In a cluster: no ticker, or no NATS, to apply the request.
+    Unavailable(Unavailable),
 }
 
 impl IntoResponse for Refusal {
@@ -114,6 +118,15 @@ impl IntoResponse for Refusal {
             )
                 .into_response(),
             Refusal::Malformed(e) => (StatusCode::BAD_REQUEST, Json(e.to_json(None))).into_response(),
+            Refusal::Unavailable(Unavailable(why)) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [(header::RETRY_AFTER, "1")],
+                Json(json!({
+                    "error": format!("{why}; nothing was applied"),
+                    "retry_after_ms": 1000,
+                })),
+            )
+                .into_response(),
         }
     }
 }
@@ -231,45 +244,66 @@ struct Outcome {
     rejected: Vec<Rejected>,
 }
 
-/// Validates every fix, then applies the valid ones in order under one lock.
-fn apply_batch(shared: &Shared, items: Vec<Item>) -> Outcome {
+/// Validates every fix, then has the valid ones applied in order, at once: on this node's
+/// fleet, or by the cluster's ticker (which owns the fleet in a cluster).
+async fn apply_batch(shared: &Shared, items: Vec<Item>) -> Result<Outcome, Unavailable> {
     let area = shared.area;
-    let checked: Vec<_> = items
-        .into_iter()
-        .map(|item| {
-            let id = item
-                .value
-                .get("id")
-                .and_then(Value::as_str)
-                .map(str::to_string);
-            (item.line, id, fix_from_json(item.value, &area))
-        })
-        .collect();
-    let mut outcome = Outcome {
-        batch: None,
-        accepted: 0,
-        rejected: Vec::new(),
-    };
-    {
-        let now = now_us();
-        let mut fleet = shared.fleet.lock().expect("fleet lock poisoned");
-        for (index, (line, id, fix)) in checked.into_iter().enumerate() {
-            match fix.and_then(|fix| fleet.apply(fix, Source::Publisher, now)) {
-                Ok(()) => outcome.accepted += 1,
-                Err(e) => outcome.rejected.push(Rejected {
-                    index,
-                    line,
-                    id,
-                    error: e.to_string(),
-                }),
+    let mut lines = Vec::with_capacity(items.len());
+    let mut fixes = Vec::with_capacity(items.len());
+    let mut rejected = Vec::new();
+    for (index, item) in items.into_iter().enumerate() {
+        let id = item
+            .value
+            .get("id")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        match fix_from_json(item.value, &area) {
+            Ok(fix) => fixes.push((index, fix)),
+            Err(e) => rejected.push(Rejected {
+                index,
+                line: item.line,
+                id: id.clone(),
+                error: e.to_string(),
+            }),
+        }
+        lines.push((item.line, id));
+    }
+    let mut accepted = 0;
+    if !fixes.is_empty() {
+        match fleet_op(shared, FleetOp::Apply { fixes }).await? {
+            FleetReply::Applied {
+                accepted: n,
+                rejected: refused,
+            } => {
+                accepted = n;
+                for (index, error) in refused {
+                    let (line, id) = lines.get(index).cloned().unwrap_or((None, None));
+                    rejected.push(Rejected {
+                        index,
+                        line,
+                        id,
+                        error,
+                    });
+                }
+            }
+            other => {
+                return Err(Unavailable(format!(
+                    "unexpected answer from the ticker: {other:?}"
+                )))
             }
         }
     }
+    rejected.sort_by_key(|r| r.index);
+    let outcome = Outcome {
+        batch: None,
+        accepted,
+        rejected,
+    };
     let stats = &shared.stats;
     Stats::inc(&stats.ingest_batches);
     Stats::add(&stats.ingest_fixes_accepted, outcome.accepted as u64);
     Stats::add(&stats.ingest_fixes_rejected, outcome.rejected.len() as u64);
-    outcome
+    Ok(outcome)
 }
 
 /// Finds the publisher whose token this is, comparing against every token in constant time.
@@ -382,7 +416,10 @@ async fn post_positions_impl(
         Stats::inc(&shared.stats.ingest_refused_malformed);
         Refusal::Malformed(e)
     })?;
-    Ok(apply_batch(shared, items))
+    apply_batch(shared, items).await.map_err(|e| {
+        Stats::inc(&shared.stats.ingest_refused_unavailable);
+        Refusal::Unavailable(e)
+    })
 }
 
 /// `GET /v1/cars`: every car as the fleet state holds it.
@@ -390,29 +427,36 @@ pub(crate) async fn list_cars(State(shared): State<Arc<Shared>>, headers: Header
     if let Err(refusal) = admit(&shared, bearer(&headers)) {
         return refusal.into_response();
     }
-    let cars: Vec<Value> = {
-        let fleet = shared.fleet.lock().expect("fleet lock poisoned");
-        fleet
-            .cars()
-            .map(|c| {
-                json!({
-                    "id": c.id,
-                    "lat": c.lat,
-                    "lon": c.lon,
-                    "heading_deg": c.heading_deg,
-                    "speed_mps": c.speed_mps,
-                    "time": format_time(c.fix_time_us),
-                    "label": c.label,
-                    "last_heard": format_time(c.last_heard_us),
-                    "wire_id": c.wire_id,
-                    "source": match c.source {
-                        Source::Simulator => "sim",
-                        Source::Publisher => "publisher",
-                    },
-                })
-            })
-            .collect()
+    let cars = match fleet_op(&shared, FleetOp::List).await {
+        Ok(FleetReply::Cars { cars }) => cars,
+        Ok(other) => {
+            return unavailable(
+                &shared,
+                Unavailable(format!("unexpected answer from the ticker: {other:?}")),
+            )
+        }
+        Err(e) => return unavailable(&shared, e),
     };
+    let cars: Vec<Value> = cars
+        .iter()
+        .map(|c| {
+            json!({
+                "id": c.id,
+                "lat": c.lat,
+                "lon": c.lon,
+                "heading_deg": c.heading_deg,
+                "speed_mps": c.speed_mps,
+                "time": format_time(c.fix_time_us),
+                "label": c.label,
+                "last_heard": format_time(c.last_heard_us),
+                "wire_id": c.wire_id,
+                "source": match c.source {
+                    Source::Simulator => "sim",
+                    Source::Publisher => "publisher",
+                },
+            })
+        })
+        .collect();
     Json(cars).into_response()
 }
 
@@ -425,26 +469,34 @@ pub(crate) async fn delete_car(
     if let Err(refusal) = admit(&shared, bearer(&headers)) {
         return refusal.into_response();
     }
-    let mut fleet = shared.fleet.lock().expect("fleet lock poisoned");
-    match fleet.car(&id).map(|c| c.source) {
-        None => (
+    match fleet_op(&shared, FleetOp::Delete { id: id.clone() }).await {
+        Ok(FleetReply::NotFound) => (
             StatusCode::NOT_FOUND,
             Json(json!({ "error": format!("no car with id {id:?}") })),
         )
             .into_response(),
-        Some(Source::Simulator) => (
+        Ok(FleetReply::NotYours) => (
             StatusCode::CONFLICT,
             Json(json!({ "error": format!("car {id:?} belongs to the simulator") })),
         )
             .into_response(),
-        Some(Source::Publisher) => {
-            let wire_id = fleet.remove(&id);
-            drop(fleet);
+        Ok(FleetReply::Deleted { wire_id }) => {
             Stats::inc(&shared.stats.ingest_cars_removed);
             info!(car = %id, "car removed by a publisher");
             Json(json!({ "removed": id, "wire_id": wire_id })).into_response()
         }
+        Ok(other) => unavailable(
+            &shared,
+            Unavailable(format!("unexpected answer from the ticker: {other:?}")),
+        ),
+        Err(e) => unavailable(&shared, e),
     }
+}
+
+/// 503 for a request the cluster cannot serve right now.
+fn unavailable(shared: &Shared, e: Unavailable) -> Response {
+    Stats::inc(&shared.stats.ingest_refused_unavailable);
+    Refusal::Unavailable(e).into_response()
 }
 
 /// Query parameters of the streaming endpoint.
@@ -542,11 +594,20 @@ async fn run_stream(socket: WebSocket, state: WsState, index: usize) {
             Format::Ndjson
         };
         let reply = match parse_batch(text.as_bytes(), format) {
-            Ok(items) => {
-                let mut outcome = apply_batch(&shared, items);
-                outcome.batch = Some(batch);
-                serde_json::to_string(&outcome)
-            }
+            Ok(items) => match apply_batch(&shared, items).await {
+                Ok(mut outcome) => {
+                    outcome.batch = Some(batch);
+                    serde_json::to_string(&outcome)
+                }
+                Err(Unavailable(why)) => {
+                    Stats::inc(&shared.stats.ingest_refused_unavailable);
+                    serde_json::to_string(&json!({
+                        "batch": batch,
+                        "error": format!("{why}; nothing was applied: send the batch again"),
+                        "retry_after_ms": 1000,
+                    }))
+                }
+            },
             Err(e) => {
                 Stats::inc(&shared.stats.ingest_refused_malformed);
                 serde_json::to_string(&e.to_json(Some(batch)))

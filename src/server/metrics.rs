@@ -48,6 +48,76 @@ impl Out {
     }
 }
 
+/// The cluster's families (`--nats` only).
+fn cluster_metrics(o: &mut Out, shared: &Shared, cluster: &super::cluster::Cluster) {
+    let s = &shared.stats;
+    let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    o.family(
+        "fleetcast_nats_connected",
+        "gauge",
+        "1 while this node is connected to NATS.",
+    );
+    o.sample(
+        "fleetcast_nats_connected",
+        "",
+        u8::from(cluster.connected()),
+    );
+    o.family(
+        "fleetcast_cluster_ticker",
+        "gauge",
+        "1 while this node holds the ticker lease.",
+    );
+    o.sample(
+        "fleetcast_cluster_ticker",
+        "",
+        u8::from(cluster.is_ticker()),
+    );
+    let name = "fleetcast_nats_events_total";
+    o.family(name, "counter", "What the NATS client reported, by event.");
+    let events = &cluster.events;
+    o.sample(name, "event=\"disconnected\"", get(&events.disconnects));
+    o.sample(name, "event=\"slow_consumer\"", get(&events.slow_consumer));
+    let name = "fleetcast_cluster_ticks_total";
+    o.family(
+        name,
+        "counter",
+        "Cluster ticks by what happened to them: published (this node as ticker), \
+         publish_failed, forwarded (to this node's sessions), missed (tick numbers skipped), \
+         stale, foreign (another configuration), malformed.",
+    );
+    for (result, value) in [
+        ("published", get(&s.cluster_ticks_published)),
+        ("publish_failed", get(&s.cluster_publish_failed)),
+        ("forwarded", get(&s.cluster_ticks_received)),
+        ("missed", get(&s.cluster_ticks_missed)),
+        ("stale", get(&s.cluster_ticks_stale)),
+        ("foreign", get(&s.cluster_ticks_foreign)),
+        ("malformed", get(&s.cluster_ticks_malformed)),
+    ] {
+        o.sample(name, &format!("result=\"{result}\""), value);
+    }
+    for (name, help, value) in [
+        (
+            "fleetcast_cluster_resyncs_total",
+            "Times this node rebuilt its roster from the fleet checkpoint.",
+            get(&s.cluster_resyncs),
+        ),
+        (
+            "fleetcast_cluster_elected_total",
+            "Times this node won the ticker lease.",
+            get(&s.cluster_elected),
+        ),
+        (
+            "fleetcast_cluster_checkpoint_failed_total",
+            "Fleet checkpoints this node (as ticker) could not write.",
+            get(&s.cluster_checkpoint_failed),
+        ),
+    ] {
+        o.family(name, "counter", help);
+        o.sample(name, "", value);
+    }
+}
+
 /// Renders every metric.
 pub(crate) fn render(shared: &Shared) -> String {
     let s = &shared.stats;
@@ -227,6 +297,7 @@ pub(crate) fn render(shared: &Shared) -> String {
         ("rate_limited", get(&s.ingest_refused_rate)),
         ("malformed", get(&s.ingest_refused_malformed)),
         ("too_large", get(&s.ingest_refused_too_large)),
+        ("unavailable", get(&s.ingest_refused_unavailable)),
     ] {
         o.sample(name, &format!("outcome=\"{outcome}\""), value);
     }
@@ -278,6 +349,10 @@ pub(crate) fn render(shared: &Shared) -> String {
         "",
         get(&s.http_accept_errors),
     );
+
+    if let Some(cluster) = &shared.cluster {
+        cluster_metrics(&mut o, shared, cluster);
+    }
 
     let name = "fleetcast_tick_fanout_seconds";
     o.family(

@@ -20,6 +20,7 @@
 //! timeout passes, so no client can hold the process up.
 
 mod admission;
+mod cluster;
 pub mod config;
 mod engine;
 mod feed;
@@ -133,6 +134,8 @@ pub(crate) struct Shared {
     pub tick_panic: std::sync::atomic::AtomicBool,
     /// The newest tick for the engine's shards (`--engine proto`).
     pub engine_ticks: watch::Sender<Option<Arc<engine::EngineTick>>>,
+    /// This node's link to the other nodes (`--nats`); `None`: a single node.
+    pub cluster: Option<Arc<cluster::Cluster>>,
 }
 
 /// The QUIC side of the server: whichever engine serves WebTransport.
@@ -294,6 +297,13 @@ impl Server {
             .with_context(|| format!("binding HTTP on {}", args.http_listen))?;
         let http_addr = http_listener.local_addr()?;
 
+        let cluster = if args.cluster.enabled() {
+            let config =
+                cluster::wire::config_fingerprint(&area, args.tick_ms, args.datagram_budget);
+            Some(cluster::Cluster::connect(&args.cluster, config).await?)
+        } else {
+            None
+        };
         let mut fleet = FleetState::new(area, args.ingest.max_cars as usize);
         let sim = args.feed.contains(&Feed::Sim).then(|| {
             let sim = Simulator::new(&args.sim.config(area.side_m()));
@@ -306,12 +316,20 @@ impl Server {
         }
         // The first snapshot holds the whole roster: its joins are not events.
         fleet.take_changes();
-        let first = feed::snapshot(
-            0,
-            start_us,
-            &fleet.roster(),
-            Arc::new(fleet.samples(start_us)),
-        );
+        // In a cluster, sessions get the cluster's fleet, never this node's own.
+        // Tick numbers count wall-clock tick intervals: the first state is of the interval
+        // the server starts in, and the first tick is the next one.
+        let start_tick = feed::tick_at(start_us, u64::from(args.tick_ms) * 1000);
+        let first = match cluster {
+            None => feed::snapshot(
+                start_tick,
+                start_us,
+                &fleet.roster(),
+                Arc::new(fleet.samples(start_us)),
+            ),
+            // In a cluster, sessions get the cluster's fleet, never this node's own.
+            Some(_) => feed::snapshot(start_tick, start_us, &[], Arc::new(Vec::new())),
+        };
         let (latest_tx, latest_rx) = watch::channel(Arc::new(first));
         let (roster_events, _) = broadcast::channel(ROSTER_EVENT_BACKLOG);
 
@@ -345,6 +363,7 @@ impl Server {
             tick_gate: tokio::sync::Mutex::new(()),
             tick_panic: std::sync::atomic::AtomicBool::new(false),
             engine_ticks: watch::Sender::new(None),
+            cluster,
             args,
         });
 
@@ -368,6 +387,10 @@ impl Server {
                 }
             })
             .context("starting the tick thread")?;
+        let election = shared
+            .cluster
+            .clone()
+            .map(|c| tokio::spawn(cluster::run_election(c, shared.clone(), token.clone())));
         let http = tokio::spawn(http::serve(
             http_listener,
             shared.clone(),
@@ -431,6 +454,9 @@ impl Server {
                 }
                 let _ = http.await;
                 let _ = rotation.await;
+                if let Some(election) = election {
+                    let _ = election.await;
+                }
                 // The token is cancelled, so the tick loop is returning.
                 let _ = tokio::task::spawn_blocking(move || tick_thread.join()).await;
                 info!("shutdown complete");

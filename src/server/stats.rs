@@ -77,6 +77,30 @@ counters! {
     closed_slow,
     /// Sessions closed at shutdown.
     closed_going_away,
+    /// Ingest requests answered 503: in a cluster, no ticker or no NATS to apply them.
+    ingest_refused_unavailable,
+    /// Cluster (`--nats`): ticks this node published as the ticker.
+    cluster_ticks_published,
+    /// Cluster: ticks the ticker could not publish to NATS.
+    cluster_publish_failed,
+    /// Cluster: fleet checkpoints the ticker could not write.
+    cluster_checkpoint_failed,
+    /// Cluster: ticks received from NATS and forwarded to this node's sessions.
+    cluster_ticks_received,
+    /// Cluster: tick numbers skipped between forwarded ticks (lost on NATS, a slow
+    /// consumer, or no ticker for a while).
+    cluster_ticks_missed,
+    /// Cluster: ticks not newer than the newest forwarded one, dropped.
+    cluster_ticks_stale,
+    /// Cluster: ticks from a node with another configuration, dropped.
+    cluster_ticks_foreign,
+    /// Cluster: tick messages that did not decode, dropped.
+    cluster_ticks_malformed,
+    /// Cluster: times this node rebuilt its roster from the checkpoint (it joined, or roster
+    /// events were lost).
+    cluster_resyncs,
+    /// Cluster: times this node won the ticker lease.
+    cluster_elected,
     /// UDP datagrams the engine's shards sent (QUIC packets, coalesced ones counted once).
     udp_sent,
     /// UDP datagrams the engine's shards received.

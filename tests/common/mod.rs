@@ -1,6 +1,7 @@
 //! Test helpers: a real server on ephemeral loopback ports and real clients for it.
 #![allow(dead_code)]
 
+pub mod nats;
 pub mod process;
 pub mod relay;
 

@@ -46,6 +46,8 @@ pub(crate) struct EngineTick {
     pub tick: u64,
     pub time_us: u64,
     pub cars: Arc<Vec<CarSample>>,
+    /// The datagram payloads under `--datagram-budget`, packed once for every shard.
+    pub packed: Option<Arc<Vec<Vec<u8>>>>,
 }
 
 /// What a shard can be told by the others.

@@ -265,6 +265,14 @@ impl Shard {
         // The instant the sleep is set for; far away when nothing is due.
         let far = || Instant::now() + Duration::from_secs(3600);
         let mut armed = far();
+        // Ticks keep every session alive: each datagram's acknowledgement restarts the idle
+        // timer on both sides. When no tick has gone out for a third of the idle timeout
+        // (slow ticks; a cluster without NATS or without a ticker), live sessions get a PING
+        // instead, so they stay open until ticks resume. Handshakes get none: a client that
+        // never opens its session is still closed by the idle timeout.
+        let quiet = self.shared.args.idle_timeout / 3;
+        let keepalive = tokio::time::sleep(quiet);
+        tokio::pin!(keepalive);
         loop {
             if self.closing.is_some() && self.done_closing() {
                 break;
@@ -292,6 +300,7 @@ impl Shard {
                         let tick = self.ticks.borrow_and_update().clone();
                         if let Some(tick) = tick {
                             self.fan_out(&tick).await;
+                            keepalive.as_mut().reset(tokio::time::Instant::now() + quiet);
                         }
                     }
                 }
@@ -307,6 +316,10 @@ impl Shard {
                         let config = self.server_config.borrow_and_update().clone();
                         self.endpoint.set_server_config(Some(config));
                     }
+                }
+                _ = &mut keepalive, if serving => {
+                    self.ping_live();
+                    keepalive.as_mut().reset(tokio::time::Instant::now() + quiet);
                 }
                 _ = &mut sleep => {
                     self.fire_timers(Instant::now());
@@ -1523,6 +1536,9 @@ impl Shard {
         let stats = &shared.stats;
         let budget = shared.args.datagram_budget as usize;
         let mut encoder = TickEncoder::new(tick.tick, tick.time_us, &tick.cars);
+        if let Some(packed) = &tick.packed {
+            encoder.seed(budget, packed.clone());
+        }
         let (mut sent, mut bytes, mut served) = (0u64, 0u64, 0usize);
         let mut now = Instant::now();
         for ch in 0..self.conns.len() {
@@ -1576,6 +1592,22 @@ impl Shard {
         stats.datagrams_sent.fetch_add(sent, Ordering::Relaxed);
         stats.bytes_sent.fetch_add(bytes, Ordering::Relaxed);
         stats.fanout_seconds.observe(started.elapsed());
+    }
+
+    /// Sends a PING on every live session (ticks have stopped for a while).
+    fn ping_live(&mut self) {
+        let now = Instant::now();
+        for ch in 0..self.conns.len() {
+            let Some(conn) = self.conns[ch].as_mut() else {
+                continue;
+            };
+            if !matches!(conn.phase, Phase::Live(_)) {
+                continue;
+            }
+            conn.quic.ping();
+            conn.dirty = true;
+            self.drive_now(ch, now);
+        }
     }
 
     /// Drives one connection right away (it was marked dirty by its caller).
