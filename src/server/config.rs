@@ -633,6 +633,12 @@ pub struct ClusterArgs {
           value_parser = parse_nats_prefix)]
     pub nats_prefix: String,
 
+    /// JetStream replicas of the lease and fleet buckets: 1 on a single NATS server, 3 on a NATS
+    /// cluster so the buckets survive a NATS server (only when the buckets are created).
+    #[arg(long, env = "FLEETCAST_NATS_REPLICAS", default_value_t = 1,
+          value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub nats_replicas: u8,
+
     /// How long the ticker's lease lasts without renewal: after the ticker dies, another node
     /// ticks within this plus one tick interval. Renewed every third of it.
     #[arg(long, env = "FLEETCAST_LEASE", default_value = "3s", value_parser = parse_duration)]

@@ -55,8 +55,11 @@ const CHECKPOINT_TIMEOUT: Duration = Duration::from_millis(500);
 const TICK_BACKLOG: usize = 64;
 /// A lease counts as held until this long before it could expire at the NATS server.
 const LEASE_MARGIN: Duration = Duration::from_millis(250);
-/// How often a node that waits for the lease tries to take it (and the soonest after expiry).
-const LEASE_POLL: Duration = Duration::from_millis(250);
+/// Longest a node that waits for the lease sleeps between attempts to take it. It wakes at the
+/// moment the lease expires when that is sooner (from the lease's write time), so a dead
+/// ticker is replaced right at expiry; this bounds the wait after a clean handover (a stopping
+/// ticker deletes its lease) and any clock difference with the NATS server.
+const LEASE_POLL: Duration = Duration::from_millis(500);
 
 /// Why a fleet request could not be answered: the publisher gets 503 with this.
 #[derive(Debug, Clone, PartialEq)]
@@ -81,6 +84,7 @@ pub(crate) struct Cluster {
     js: jetstream::Context,
     prefix: String,
     lease_ttl: Duration,
+    replicas: usize,
     lease: Mutex<Option<Lease>>,
     lease_bucket: tokio::sync::Mutex<Option<kv::Store>>,
     fleet_bucket: tokio::sync::Mutex<Option<kv::Store>>,
@@ -169,6 +173,7 @@ impl Cluster {
             js,
             prefix: args.nats_prefix.clone(),
             lease_ttl: args.lease,
+            replicas: usize::from(args.nats_replicas),
             lease: Mutex::new(None),
             lease_bucket: tokio::sync::Mutex::new(None),
             fleet_bucket: tokio::sync::Mutex::new(None),
@@ -227,6 +232,7 @@ impl Cluster {
             history: 1,
             max_age: self.lease_ttl,
             storage: jetstream::stream::StorageType::Memory,
+            num_replicas: self.replicas,
             ..Default::default()
         };
         bucket(&self.js, &self.lease_bucket, config).await
@@ -239,6 +245,7 @@ impl Cluster {
             description: "fleetcast fleet state, written by the ticker every tick".into(),
             history: 1,
             storage: jetstream::stream::StorageType::File,
+            num_replicas: self.replicas,
             ..Default::default()
         };
         bucket(&self.js, &self.fleet_bucket, config).await
@@ -407,7 +414,7 @@ fn kv_stream(config: kv::Config) -> jetstream::stream::Config {
         deny_delete: true,
         deny_purge: false,
         allow_direct: true,
-        num_replicas: 1,
+        num_replicas: config.num_replicas.max(1),
         discard: jetstream::stream::DiscardPolicy::New,
         // At most the bucket's max age (NATS refuses a longer one).
         duplicate_window: if config.max_age.is_zero() {
@@ -498,7 +505,8 @@ pub(crate) async fn run_election(
                 }
                 Ok(Taken::Held { expires_in }) => {
                     logged_error = false;
-                    expires_in.clamp(Duration::from_millis(20), LEASE_POLL)
+                    (expires_in + Duration::from_millis(20))
+                        .clamp(Duration::from_millis(20), LEASE_POLL)
                 }
                 Err(e) => {
                     if !logged_error {
