@@ -251,6 +251,22 @@ async fn produce(
     let mut last_tick: u64 = 0;
     let mut roster_version = None;
     let mut roster = Arc::new(Vec::new());
+    if let Sink::Local(latest) = &sink {
+        // The first state was taken when the server started; starting can take a few tick
+        // intervals on a busy machine. Take it again now, in the interval the first tick
+        // follows, so that a session's first state is never several tick numbers before its
+        // first tick (it would count them as missed).
+        let time_us = now_us();
+        let tick = tick_at(time_us, period_us);
+        let (roster, cars) = {
+            let fleet = shared.fleet.lock().expect("fleet lock poisoned");
+            (fleet.roster(), Arc::new(fleet.samples(time_us)))
+        };
+        if latest.borrow().tick < tick {
+            shared.publish(Vec::new(), snapshot(tick, time_us, &roster, cars), latest);
+        }
+        last_tick = tick;
+    }
     loop {
         // Sleep to the next boundary; after a stall, carry on from now rather than bursting
         // the missed ticks.
