@@ -38,7 +38,7 @@ export const STATES = Object.freeze(['connecting', 'live', 'stale', 'reconnectin
 
 /** The options `connect` takes, with their defaults. */
 export const DEFAULTS = Object.freeze({
-  /** Base URL(s) of the server's HTTP side; default: the page's own origin. */
+  /** Base URL(s) of the server's HTTP side; default: where the page came from (its directory). */
   server: null,
   /** 'auto' (WebTransport, else the WebSocket), 'webtransport' or 'websocket'. */
   transport: 'auto',
@@ -97,7 +97,8 @@ function checkOptions(options) {
   if (o.server === null && base === undefined) {
     throw new TypeError('fleetcast: give `server` (there is no page address to default to)');
   }
-  o.servers = serverList(o.server ?? base, base);
+  // Default: the server that served the page (its directory, so a path prefix is kept).
+  o.servers = serverList(o.server ?? new URL('.', base).href, base);
   return o;
 }
 
