@@ -40,4 +40,5 @@ echo "== JS unit tests: wire decoder (golden vectors), backoff, client library c
 node --test tests/js/wire.test.mjs tests/js/backoff.test.mjs tests/js/client-core.test.mjs tests/js/pages-core.test.mjs </dev/null
 
 echo "== real-browser tests ($("$CHROMIUM" --version 2>/dev/null | head -n1), $("$FIREFOX" --version 2>/dev/null | head -n1))"
-node --test --test-concurrency=1 tests/js/demo.browser.test.mjs tests/js/client.browser.test.mjs </dev/null
+node --test --test-concurrency=1 tests/js/demo.browser.test.mjs tests/js/map.browser.test.mjs \
+  tests/js/client.browser.test.mjs </dev/null

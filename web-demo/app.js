@@ -9,13 +9,11 @@ import { connect } from './fleetcast-client.js';
 import { pageOptions } from './page-options.js';
 import { Glide, fixOf, localProjection, turnTowards, METRES_PER_DEGREE } from './motion.js';
 import { fetchRoads, roadsToGeoJSON } from './roads.js';
+import { LEGEND_KMH, kmh, compass, headingText, fixAgeText, carColour } from './car-format.js';
 
 /** Longest a car is dead-reckoned past its last fix, in tick intervals (then it waits). */
 const MAX_EXTRAPOLATE_TICKS = 3;
 const LABELS_UP_TO = 400;
-/** The colour scale's top speed (cool), km/h; slower is warmer. */
-const LEGEND_KMH = [0, 20, 40, 60];
-const COMPASS = ['N', 'NE', 'E', 'SE', 'S', 'SW', 'W', 'NW'];
 const REFUSED = 'refused (token missing, invalid or expired?)';
 
 const $ = (id) => document.getElementById(id);
@@ -215,8 +213,6 @@ function fmtBytes(n) {
   return `${n} B/s`;
 }
 
-const kmh = (mps) => `${(mps * 3.6).toFixed(0)} km/h`;
-
 function renderPanel() {
   const stats = fleet.stats;
   set('s-transport', fleet.transport ?? '—');
@@ -245,10 +241,10 @@ function renderDetails() {
   set('d-label', car.label);
   set('d-id', String(car.id));
   set('d-speed', `${(car.speedMps * 3.6).toFixed(1)} km/h`);
-  set('d-heading', `${car.headingDeg.toFixed(1)}° ${COMPASS[Math.round(car.headingDeg / 45) % 8]}`);
+  set('d-heading', headingText(car.headingDeg));
   set('d-pos', `${car.lat.toFixed(5)}, ${car.lon.toFixed(5)}`);
   // The time since the fix, counting on between ticks (not the age the wire gave at its tick).
-  set('d-age', `${Math.max(0, (Date.now() - car.fixTimeMs) / 1000).toFixed(1)} s ago`);
+  set('d-age', fixAgeText(car, Date.now()));
   set('d-tick', String(car.tick));
 }
 
@@ -257,7 +253,7 @@ function select(id, { pin = false, say = false } = {}) {
   if (pin) pinned = id;
   const car = id === null ? null : sprites.get(id)?.car;
   if (say && car) {
-    announce(`${car.label}: ${kmh(car.speedMps)}, heading ${COMPASS[Math.round(car.headingDeg / 45) % 8]}`);
+    announce(`${car.label}: ${kmh(car.speedMps)}, heading ${compass(car.headingDeg)}`);
   }
 }
 
@@ -375,12 +371,6 @@ function drawRoads() {
     c.stroke();
   }
   roadLayer = layer;
-}
-
-/** Slow = warm, fast = cool; always saturated so cars stand out from the grey roads. */
-function carColour(mps) {
-  const hue = Math.max(0, Math.min(200, mps * 12));
-  return `hsl(${hue} 90% 58%)`;
 }
 
 let lastFrame = nowS();
