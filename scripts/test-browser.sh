@@ -36,8 +36,9 @@ TARGET_DIR="$(cargo metadata --format-version 1 --no-deps | node -e 'let s="";pr
 export FLEETCAST_BIN="$TARGET_DIR/debug/fleetcast"
 export CHROMIUM FIREFOX
 
-echo "== JS unit tests: wire decoder (golden vectors), backoff, client library core, page helpers"
-node --test tests/js/wire.test.mjs tests/js/backoff.test.mjs tests/js/client-core.test.mjs tests/js/pages-core.test.mjs </dev/null
+echo "== JS unit tests: wire decoder (golden vectors), backoff, client library, page helpers, npm package"
+node --test tests/js/wire.test.mjs tests/js/backoff.test.mjs tests/js/client-core.test.mjs \
+  tests/js/pages-core.test.mjs tests/js/package.test.mjs </dev/null
 
 echo "== real-browser tests ($("$CHROMIUM" --version 2>/dev/null | head -n1), $("$FIREFOX" --version 2>/dev/null | head -n1))"
 node --test --test-concurrency=1 tests/js/demo.browser.test.mjs tests/js/map.browser.test.mjs \
