@@ -7,7 +7,7 @@
 
 import { connect } from './fleetcast-client.js';
 import { pageOptions } from './page-options.js';
-import { Glide, fixOf, localProjection, turnTowards, METRES_PER_DEGREE } from './motion.js';
+import { followCars, localProjection, turnTowards, METRES_PER_DEGREE } from './motion.js';
 import { fetchRoads, roadsToGeoJSON } from './roads.js';
 import { LEGEND_KMH, kmh, compass, headingText, fixAgeText, carColour } from './car-format.js';
 
@@ -30,7 +30,7 @@ try {
 
 // ---- Render state per car ----------------------------------------------------------------
 
-/** id -> {car (as fleetcast-client.js gives it), glide, hdg, drawnHdg, screen} */
+/** id -> {car (as fleetcast-client.js gives it), glide, drawnHdg, screen} */
 const sprites = new Map();
 /** Degrees <-> metres on the map, from the served area's south-west corner. */
 let projection = null;
@@ -62,20 +62,9 @@ function ensureProjection() {
 function onTick(cars) {
   const proj = ensureProjection();
   if (!proj) return;
-  const t = nowS();
-  const seen = new Set();
-  for (const car of cars) {
-    seen.add(car.id);
-    const s = sprites.get(car.id);
-    if (!s) {
-      sprites.set(car.id, { car, glide: new Glide(fixOf(car, proj, t), t, horizonS()), hdg: car.headingDeg, drawnHdg: car.headingDeg, screen: null });
-    } else {
-      if (s.car.tick !== car.tick) s.glide.retarget(fixOf(car, proj, t), t);
-      s.car = car;
-      s.hdg = car.headingDeg;
-    }
-  }
-  for (const id of sprites.keys()) if (!seen.has(id)) sprites.delete(id);
+  followCars(sprites, cars, proj, nowS(), horizonS(), {
+    create: (car, glide) => ({ car, glide, drawnHdg: car.headingDeg, screen: null }),
+  });
   if (selected !== null && !sprites.has(selected)) select(null);
   renderCarList();
   renderSummary();
@@ -119,30 +108,20 @@ const fc = {
   get server() { return fleet.server; },
   get cars() { return sprites.size; },
   carsDrawn: 0,
-  get initialCars() { return fleet.stats.initialCars; },
-  get ticksReceived() { return fleet.stats.ticksReceived; },
-  get ticksMissed() { return fleet.stats.ticksMissed; },
-  get ticksComplete() { return fleet.stats.ticksComplete; },
-  get tick() { return fleet.stats.tick; },
-  get latencyP50Ms() { return fleet.stats.latencyP50Ms; },
   get bytesPerSecond() { return bytesPerSecond; },
-  get sessions() { return fleet.stats.sessions; },
-  get reconnects() { return fleet.stats.reconnects; },
-  get badDatagrams() { return fleet.stats.badDatagrams; },
-  get lastClose() { return fleet.stats.lastClose; },
-  get lastGoodbye() { return fleet.stats.lastGoodbye; },
-  get lastError() { return fleet.stats.lastError; },
-  get unsupportedVersion() { return fleet.stats.unsupportedVersion; },
-  get fallbackReason() { return fleet.stats.fallbackReason; },
-  get certificateHashes() { return fleet.stats.certificateHashes; },
   tokenGiven: typeof options.token === 'string',
-  get tokenRequired() { return fleet.stats.tokenRequired; },
   get tokenStatus() { return tokenStatus(fleet.stats); },
   get selected() { return selected; },
   get pinned() { return pinned; },
   /** Every car on the map: the library's car plus where it was last drawn (CSS pixels). */
   carList: () => [...sprites.values()].map((s) => ({ ...s.car, screen: s.screen })),
 };
+// The library's counters, read when asked for.
+for (const key of ['initialCars', 'ticksReceived', 'ticksMissed', 'ticksComplete', 'tick', 'latencyP50Ms',
+  'sessions', 'reconnects', 'badDatagrams', 'lastClose', 'lastGoodbye', 'lastError', 'unsupportedVersion',
+  'fallbackReason', 'certificateHashes', 'tokenRequired']) {
+  Object.defineProperty(fc, key, { get: () => fleet.stats[key], enumerable: true });
+}
 window.fleetcast = fc;
 
 // ---- Connection state, notices and the announcer -------------------------------------------
@@ -397,7 +376,7 @@ function frame() {
   const labelQueue = [];
   for (const s of sprites.values()) {
     const p = s.glide.at(t);
-    s.drawnHdg = turnTowards(s.drawnHdg, s.hdg, 1 - Math.exp(-dt / 0.2));
+    s.drawnHdg = turnTowards(s.drawnHdg, s.car.headingDeg, 1 - Math.exp(-dt / 0.2));
     const [x, y] = toScreen(p.e, p.n);
     s.screen = [x, y];
     if (x < -20 || y < -20 || x > layout.w + 20 || y > layout.h + 20) continue;

@@ -8,7 +8,7 @@
 
 import { connect } from './fleetcast-client.js';
 import { pageOptions } from './page-options.js';
-import { Glide, fixOf, localProjection } from './motion.js';
+import { followCars, localProjection } from './motion.js';
 import { fetchRoads, roadsToGeoJSON } from './roads.js';
 import { kmh, headingText, fixAgeText, carColour } from './car-format.js';
 
@@ -97,31 +97,21 @@ function onTick(cars) {
     fitted = true;
     map.fitBounds([[area.south, area.west], [area.north, area.east]], { padding: [12, 12] });
   }
-  const t = nowS();
-  const seen = new Set();
-  for (const car of cars) {
-    seen.add(car.id);
-    let entry = markers.get(car.id);
-    if (!entry) {
+  followCars(markers, cars, projection, nowS(), horizonS(), {
+    create: (car, glide) => {
       const marker = L.marker([car.lat, car.lon], {
         icon: carIcon(), keyboard: true, title: car.label, alt: car.label, riseOnHover: true,
       });
-      entry = { car, marker, glide: new Glide(fixOf(car, projection, t), t, horizonS()) };
+      const entry = { car, marker, glide };
       marker.bindPopup(() => details(entry.car), { autoPan: false });
       marker.addTo(map);
-      markers.set(car.id, entry);
-    } else if (entry.car.tick !== car.tick) {
-      entry.glide.retarget(fixOf(car, projection, t), t);
-    }
-    entry.car = car;
+      return entry;
+    },
+    removed: (entry) => entry.marker.remove(),
+  });
+  for (const entry of markers.values()) {
     paint(entry);
-    if (entry.marker.isPopupOpen()) entry.marker.setPopupContent(details(car));
-  }
-  for (const [id, entry] of markers) {
-    if (!seen.has(id)) {
-      entry.marker.remove();
-      markers.delete(id);
-    }
+    if (entry.marker.isPopupOpen()) entry.marker.setPopupContent(details(entry.car));
   }
   $('count').textContent = `${markers.size} cars`;
   if (!fetchingRoads) {

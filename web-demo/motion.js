@@ -59,6 +59,31 @@ export class Glide {
   }
 }
 
+/**
+ * Brings `entries` (a Map id -> {car, glide, ...}) up to the cars of a tick event at time `t`:
+ * a new car gets the entry `create(car, glide)` returns, a car with a newer fix glides towards
+ * it, and the entry of a car that left goes to `removed(entry)` and out of the map.
+ */
+export function followCars(entries, cars, projection, t, horizonS, { create, removed = () => {} }) {
+  const seen = new Set();
+  for (const car of cars) {
+    seen.add(car.id);
+    const entry = entries.get(car.id);
+    if (!entry) {
+      entries.set(car.id, create(car, new Glide(fixOf(car, projection, t), t, horizonS)));
+    } else {
+      if (entry.car.tick !== car.tick) entry.glide.retarget(fixOf(car, projection, t), t);
+      entry.car = car;
+    }
+  }
+  for (const [id, entry] of entries) {
+    if (!seen.has(id)) {
+      removed(entry);
+      entries.delete(id);
+    }
+  }
+}
+
 /** `from` turned towards `to` (degrees) by the fraction `k` of the shorter way. */
 export function turnTowards(from, to, k) {
   const d = ((to - from + 540) % 360) - 180;

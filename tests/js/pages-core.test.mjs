@@ -5,7 +5,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 
-import { localProjection, fixOf, Glide, turnTowards, EASE_S } from '../../web-demo/motion.js';
+import { localProjection, fixOf, Glide, turnTowards, followCars, EASE_S } from '../../web-demo/motion.js';
 import { roadsToGeoJSON } from '../../web-demo/roads.js';
 import { pageOptions } from '../../web-demo/page-options.js';
 import { toLatLon } from '../../web-demo/fleetcast-wire.js';
@@ -45,6 +45,28 @@ test('motion: a new fix does not make the car jump; the correction fades out', (
   near(g.at(1).e, 0, 1e-9, 'where it was drawn, at the moment of the fix');
   near(g.at(1 + EASE_S).e, 10 - 10 / Math.E, 1e-9, 'one time constant later');
   near(g.at(1 + 20 * EASE_S).e, 10, 1e-6, 'then on the new fix');
+});
+
+test('motion: followCars adds new cars, glides known ones to a newer fix, drops those that left', () => {
+  const p = localProjection(52.35, 4.86);
+  const car = (id, e, tick) => ({ id, label: `car ${id}`, ...p.toLatLon(e, 0), headingDeg: 90, speedMps: 0, ageS: 0, tick });
+  const entries = new Map();
+  const removed = [];
+  const opts = { create: (c, glide) => ({ car: c, glide, made: true }), removed: (e) => removed.push(e.car.id) };
+  followCars(entries, [car(1, 0, 10), car(2, 50, 10)], p, 0, 3, opts);
+  assert.deepEqual([...entries.keys()], [1, 2]);
+  const first = entries.get(1);
+  followCars(entries, [car(1, 10, 11), car(3, 0, 11)], p, 1, 3, opts);
+  assert.deepEqual([...entries.keys()], [1, 3]);
+  assert.deepEqual(removed, [2]);
+  assert.equal(entries.get(1), first, 'the same entry, updated');
+  assert.equal(entries.get(1).car.tick, 11);
+  near(entries.get(1).glide.at(1).e, 0, 1e-9, 'no jump when the new fix arrives');
+  near(entries.get(1).glide.at(30).e, 10, 1e-6, 'then on the new fix');
+  // The same tick again changes nothing about the glide.
+  const glide = { ...entries.get(1).glide.off };
+  followCars(entries, [car(1, 99, 11), car(3, 0, 11)], p, 2, 3, opts);
+  assert.deepEqual(entries.get(1).glide.off, glide);
 });
 
 test('motion: headings turn the shorter way round', () => {
