@@ -104,6 +104,7 @@ export interface Stats {
   /** Certificate hashes passed to the last WebTransport session. */
   certificateHashes: number;
   tokenRequired: boolean | null;
+  /** Where the token stands; 'refused' stays until a session opens. */
   token: null | 'missing' | 'sent' | 'accepted' | 'refused';
   /** Why a server could not be read (its protocol version), or null. */
   unsupportedVersion: string | null;

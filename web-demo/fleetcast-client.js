@@ -208,7 +208,8 @@ export class FleetConnection extends EventTarget {
    * Counters over every session so far: sessions, reconnects, ticksReceived, ticksMissed,
    * ticksComplete, bytesReceived, badDatagrams, latencyP50Ms, initialCars, tick, lastClose,
    * lastGoodbye, lastError, fallbackReason, certificateHashes, tokenRequired, token
-   * (null | 'missing' | 'sent' | 'accepted' | 'refused'), unsupportedVersion.
+   * (null | 'missing' | 'sent' | 'accepted' | 'refused', which stays until a session opens),
+   * unsupportedVersion.
    */
   get stats() {
     const s = this.#session;
@@ -345,7 +346,8 @@ export class FleetConnection extends EventTarget {
     }
     this.#stats.tokenRequired = config.tokenRequired;
     const token = await this.#token();
-    if (config.tokenRequired) this.#stats.token = token === null ? 'missing' : 'sent';
+    // 'refused' stays until a session opens: it is what the last attempt learnt.
+    if (config.tokenRequired && this.#stats.token !== 'refused') this.#stats.token = token === null ? 'missing' : 'sent';
     const handlers = {
       timeoutMs: this.#o.openTimeoutMs,
       signal,
