@@ -7,12 +7,10 @@
 
 import { connect } from './fleetcast-client.js';
 import { pageOptions } from './page-options.js';
-import { followCars, localProjection, turnTowards, METRES_PER_DEGREE } from './motion.js';
+import { followCars, horizonS, localProjection, turnTowards, METRES_PER_DEGREE } from './motion.js';
 import { fetchRoads, roadsToGeoJSON } from './roads.js';
 import { LEGEND_KMH, kmh, compass, headingText, fixAgeText, carColour } from './car-format.js';
 
-/** Longest a car is dead-reckoned past its last fix, in tick intervals (then it waits). */
-const MAX_EXTRAPOLATE_TICKS = 3;
 const LABELS_UP_TO = 400;
 const REFUSED = 'refused (token missing, invalid or expired?)';
 
@@ -42,9 +40,11 @@ let roadLayer = null;
 let selected = null;
 let pinned = null;
 let hover = null;
+/** When the next attempt starts (performance.now() ms), for the countdown, or null. */
+let retryAt = null;
+let lastAnnounced = null;
 
 const nowS = () => performance.now() / 1000;
-const horizonS = () => (MAX_EXTRAPOLATE_TICKS * (fleet.tickIntervalMs ?? 1000)) / 1000;
 
 function ensureProjection() {
   const from = fleet.area ? [fleet.area.south, fleet.area.west] : null;
@@ -62,7 +62,7 @@ function ensureProjection() {
 function onTick(cars) {
   const proj = ensureProjection();
   if (!proj) return;
-  followCars(sprites, cars, proj, nowS(), horizonS(), {
+  followCars(sprites, cars, proj, nowS(), horizonS(fleet.tickIntervalMs), {
     create: (car, glide) => ({ car, glide, drawnHdg: car.headingDeg, screen: null }),
   });
   if (selected !== null && !sprites.has(selected)) select(null);
@@ -126,8 +126,6 @@ window.fleetcast = fc;
 
 // ---- Connection state, notices and the announcer -------------------------------------------
 
-let lastAnnounced = null;
-
 function onState(d) {
   // The status pill is a live region: it changes only with the state, never with a countdown.
   const text = {
@@ -178,8 +176,6 @@ function announce(text) {
 }
 
 // ---- Panel, details and the car list ----------------------------------------------------
-
-let retryAt = null;
 
 function set(id, text) {
   const el = $(id);

@@ -8,13 +8,11 @@
 
 import { connect } from './fleetcast-client.js';
 import { pageOptions } from './page-options.js';
-import { followCars, localProjection } from './motion.js';
+import { followCars, horizonS, localProjection } from './motion.js';
 import { fetchRoads, roadsToGeoJSON } from './roads.js';
 import { kmh, headingText, fixAgeText, carColour } from './car-format.js';
 
 const L = window.L;
-/** Longest a car is dead-reckoned past its last fix, in tick intervals (then it waits). */
-const MAX_EXTRAPOLATE_TICKS = 3;
 /** Marker size, CSS pixels. */
 const ICON_PX = 18;
 
@@ -50,7 +48,6 @@ let roadCount = 0;
 let fetchingRoads = false;
 
 const nowS = () => performance.now() / 1000;
-const horizonS = () => (MAX_EXTRAPOLATE_TICKS * (fleet.tickIntervalMs ?? 1000)) / 1000;
 
 function carIcon() {
   return L.divIcon({
@@ -97,7 +94,7 @@ function onTick(cars) {
     fitted = true;
     map.fitBounds([[area.south, area.west], [area.north, area.east]], { padding: [12, 12] });
   }
-  followCars(markers, cars, projection, nowS(), horizonS(), {
+  followCars(markers, cars, projection, nowS(), horizonS(fleet.tickIntervalMs), {
     create: (car, glide) => {
       const marker = L.marker([car.lat, car.lon], {
         icon: carIcon(), keyboard: true, title: car.label, alt: car.label, riseOnHover: true,

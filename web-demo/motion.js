@@ -8,6 +8,11 @@
 export const METRES_PER_DEGREE = 111320.0;
 /** Time constant of the ease from the drawn position to the corrected one, seconds. */
 export const EASE_S = 0.35;
+/** Longest a car is dead-reckoned past its last fix, in tick intervals (then it waits). */
+export const MAX_EXTRAPOLATE_TICKS = 3;
+
+/** How far past a fix to reckon, seconds, for ticks `tickIntervalMs` apart (default 1 s). */
+export const horizonS = (tickIntervalMs) => (MAX_EXTRAPOLATE_TICKS * (tickIntervalMs ?? 1000)) / 1000;
 
 /** Converts between degrees and metres east/north of (lat0, lon0), as the server projects. */
 export function localProjection(lat0, lon0) {
