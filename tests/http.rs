@@ -185,3 +185,26 @@ async fn shutdown_is_bounded_with_a_half_sent_request_open() {
         .await
         .expect("the half-sent request is still open after shutdown");
 }
+
+#[tokio::test]
+async fn config_roads_and_hash_may_be_read_from_another_origin() {
+    // fleetcast-client.js on a dashboard's own origin fetches these cross-origin.
+    let ts = TestServer::start(|_| {}).await;
+    for path in ["/config.json", "/roads.json", "/certificate.sha256"] {
+        let response = reqwest::Client::new()
+            .get(format!("http://{}{path}", ts.server.http_addr))
+            .header("origin", "https://dashboard.example")
+            .send()
+            .await
+            .expect("GET");
+        assert_eq!(response.status(), 200, "{path}");
+        assert_eq!(
+            response
+                .headers()
+                .get("access-control-allow-origin")
+                .map(|v| v.to_str().unwrap()),
+            Some("*"),
+            "{path}"
+        );
+    }
+}

@@ -1,521 +1,185 @@
-// fleetcast web demo: connects over WebTransport (or the WebSocket fallback), applies the
-// stream and datagrams with FleetView, and draws roads and every car on a canvas, gliding
-// between the 1 s fixes. State for people and tests: window.fleetcast.
+// app.js: the web demo's drawing. fleetcast-client.js does the connecting; this file draws
+// the roads and every car on a canvas, gliding between fixes (motion.js), and keeps the stats
+// panel, the details card and the car list (the keyboard's and screen readers' way to the
+// cars) up to date. State for people and tests: window.fleetcast (docs/web-demo.md).
 //
-// ?transport=websocket forces the WebSocket; without WebTransport, or when a WebTransport
-// session cannot open, the page falls back to it by itself. ?token=JWT is passed on to the
-// server (both transports) for a server started with --subscribe-secret.
+// The page's address may say ?server=, ?transport= and ?token= (page-options.js).
 
-import {
-  FrameDecoder,
-  FleetView,
-  decodeDatagram,
-  checkHello,
-  wsCloseCode,
-  METRES_PER_DEGREE,
-  toLatLon,
-  headingDeg,
-  speedMps,
-  ageS,
-  CloseCode,
-  WS_CHANNEL_STREAM,
-  WS_CHANNEL_DATAGRAM,
-} from './fleetcast-wire.js';
-import { retryDelayMs } from './backoff.js';
+import { connect } from './fleetcast-client.js';
+import { pageOptions } from './page-options.js';
+import { followCars, horizonS, localProjection, turnTowards, METRES_PER_DEGREE } from './motion.js';
+import { fetchRoads, roadsToGeoJSON } from './roads.js';
+import { LEGEND_KMH, kmh, compass, headingText, fixAgeText, carColour } from './car-format.js';
 
-const params = new URLSearchParams(location.search);
-const forced = params.get('transport'); // 'websocket' | 'webtransport' | null
-/** Subscriber token from the page's own URL, passed on in the session URLs (or null). */
-const token = params.get('token') || null;
-/** What the stats panel says when the server requires a token and a session was refused. */
-const TOKEN_REFUSED = 'refused (token missing, invalid or expired?)';
-const OPEN_TIMEOUT_MS = 5000;
-/** Longest a car is dead-reckoned past its last fix, in tick intervals (then it waits). */
-const MAX_EXTRAPOLATE_TICKS = 3;
-/** Time constant of the ease from the drawn position to the corrected one, seconds. */
-const EASE_S = 0.35;
 const LABELS_UP_TO = 400;
+const REFUSED = 'refused (token missing, invalid or expired?)';
 
-// ---- Live state, exposed for people and tests -------------------------------------------
-
-const fc = {
-  transport: null, // 'webtransport' | 'websocket'
-  connected: false,
-  state: 'connecting', // connecting | connected | reconnecting | offline
-  cars: 0,
-  carsDrawn: 0,
-  initialCars: null,
-  ticksReceived: 0,
-  ticksMissed: 0,
-  ticksComplete: 0,
-  tick: null,
-  latencyP50Ms: null,
-  bytesPerSecond: 0,
-  sessions: 0,
-  reconnects: 0,
-  badDatagrams: 0,
-  lastClose: null, // transport close {code, reason} of the last session
-  lastGoodbye: null, // Goodbye frame {code, reason} of the last session, if it sent one
-  lastError: null,
-  /** The server's protocol version when this page does not speak it (the session was closed). */
-  unsupportedVersion: null,
-  fallbackReason: null,
-  certificateHashes: 0, // hashes passed to the last WebTransport session (2 while renewing)
-  tokenGiven: token !== null,
-  tokenRequired: null, // from /config.json
-  tokenStatus: null, // null (not required) | 'sent' | 'accepted' | TOKEN_REFUSED
-  selected: null,
-  pinned: null,
-};
-/**
- * Every car on the roster: its label, where it was last drawn (CSS pixels) and, once a sample
- * arrived, its position, heading, speed, the fix's age at its tick and that tick's time.
- */
-fc.carList = () =>
-  [...view.cars.values()].map((e) => {
-    const s = sprites.get(e.id);
-    const car = { id: e.id, label: e.label, tick: e.tick, screen: s?.screen ?? null };
-    const q = view.hello?.quant;
-    if (q && e.sample) {
-      const { lat, lon } = toLatLon(q, e.sample.x * q.unit_m, e.sample.y * q.unit_m);
-      Object.assign(car, {
-        lat,
-        lon,
-        headingDeg: headingDeg(e.sample.heading),
-        speedMps: speedMps(q, e.sample.speed),
-        ageS: ageS(e.sample.age),
-        tickTimeMs: e.time_us / 1000,
-      });
-    }
-    return car;
-  });
-window.fleetcast = fc;
-
-// Totals of earlier sessions, so counters keep growing across reconnects.
-let earlier = { received: 0, missed: 0, complete: 0 };
-let view = new FleetView();
-let roads = null;
-let tickIntervalMs = 1000;
-/** Quantisation of the last Hello: kept while reconnecting so cars keep their colours. */
-let lastQuant = null;
-/** Served area of the last Hello that carried one (south, west, north, east degrees). */
-let lastBounds = null;
+const $ = (id) => document.getElementById(id);
+const options = pageOptions(location.search);
+let fleet;
+try {
+  fleet = connect(options);
+} catch (e) {
+  // A bad ?server= or ?transport=: say so on the page.
+  $('notice').hidden = false;
+  $('notice').textContent = e.message;
+  throw e;
+}
 
 // ---- Render state per car ----------------------------------------------------------------
 
-/** id -> {id, fix: {e, n, ve, vn, at}, off: {e, n, at}, hdg, drawn: {e, n}, entry} */
+/** id -> {car (as fleetcast-client.js gives it), glide, drawnHdg, screen} */
 const sprites = new Map();
+/** Degrees <-> metres on the map, from the served area's south-west corner. */
+let projection = null;
+let projectionFrom = null;
+/** The road network as GeoJSON (roads.js), drawn once into `roadLayer`. */
+let roads = null;
+let fetchingRoads = false;
+let roadLayer = null;
+let selected = null;
+let pinned = null;
+let hover = null;
+/** When the next attempt starts (performance.now() ms), for the countdown, or null. */
+let retryAt = null;
+let lastAnnounced = null;
 
-function nowS() {
-  return performance.now() / 1000;
-}
+const nowS = () => performance.now() / 1000;
 
-/** Where the fix predicts the car to be at time t (dead reckoning, capped). */
-function predicted(fix, t) {
-  const dt = Math.min(Math.max(t - fix.at, 0), (MAX_EXTRAPOLATE_TICKS * tickIntervalMs) / 1000);
-  return { e: fix.e + fix.ve * dt, n: fix.n + fix.vn * dt };
-}
-
-/** Drawn position at time t: the prediction plus a correction that fades out. */
-function position(s, t) {
-  const p = predicted(s.fix, t);
-  const k = Math.exp(-(t - s.off.at) / EASE_S);
-  return { e: p.e + s.off.e * k, n: p.n + s.off.n * k };
-}
-
-/** Takes a new fix for a car without a jump: the old drawn position eases into the new path. */
-function updateSprite(entry) {
-  const q = view.hello?.quant;
-  if (!q || !entry.sample) return;
-  const smp = entry.sample;
-  const t = nowS();
-  const hdg = headingDeg(smp.heading);
-  const v = speedMps(q, smp.speed);
-  const rad = (hdg * Math.PI) / 180;
-  const fix = {
-    e: smp.x * q.unit_m,
-    n: smp.y * q.unit_m,
-    ve: v * Math.sin(rad),
-    vn: v * Math.cos(rad),
-    // The fix was taken age × 100 ms before the tick; the tick left the server ~now.
-    at: t - ageS(smp.age),
-  };
-  let s = sprites.get(entry.id);
-  if (!s) {
-    s = { id: entry.id, fix, off: { e: 0, n: 0, at: t }, hdg, drawnHdg: hdg, entry, tick: entry.tick };
-    sprites.set(entry.id, s);
-    return;
+function ensureProjection() {
+  const from = fleet.area ? [fleet.area.south, fleet.area.west] : null;
+  if (from === null) return null;
+  if (projectionFrom === null || from[0] !== projectionFrom[0] || from[1] !== projectionFrom[1]) {
+    projection = localProjection(from[0], from[1]);
+    projectionFrom = from;
+    sprites.clear(); // their metres were of another origin: the next tick places them again
+    roadLayer = null;
   }
-  const was = position(s, t);
-  const will = predicted(fix, t);
-  s.fix = fix;
-  s.off = { e: was.e - will.e, n: was.n - will.n, at: t };
-  s.hdg = hdg;
-  s.entry = entry;
-  s.tick = entry.tick;
+  return projection;
 }
 
-function syncSprites() {
-  for (const id of sprites.keys()) if (!view.cars.has(id)) sprites.delete(id);
-  for (const entry of view.cars.values()) {
-    const s = sprites.get(entry.id);
-    if (!s || s.entry !== entry || s.tick !== entry.tick) updateSprite(entry);
+/** Takes the cars of a tick event: new fixes glide in, cars that left disappear. */
+function onTick(cars) {
+  const proj = ensureProjection();
+  if (!proj) return;
+  followCars(sprites, cars, proj, nowS(), horizonS(fleet.tickIntervalMs), {
+    create: (car, glide) => ({ car, glide, drawnHdg: car.headingDeg, screen: null }),
+  });
+  if (selected !== null && !sprites.has(selected)) select(null);
+  renderCarList();
+  renderSummary();
+  if (roads === null && !fetchingRoads) {
+    fetchingRoads = true;
+    fetchRoads(fleet.server).then((r) => {
+      roads = r && roadsToGeoJSON(r);
+      roadLayer = null;
+    });
   }
 }
+
+fleet.addEventListener('tick', (e) => onTick(e.detail.cars));
+fleet.addEventListener('state', (e) => onState(e.detail));
 
 // ---- Stats -------------------------------------------------------------------------------
 
-const latencies = []; // ms, one per tick, newest last
-const byteLog = []; // [time s, bytes]
-let lastLatencyTick = null;
+/** [seconds, bytesReceived] once a second over the last 5 s: a fixed size, hidden or not. */
+const byteSamples = [];
+let bytesPerSecond = 0;
+setInterval(() => {
+  byteSamples.push([nowS(), fleet.stats.bytesReceived]);
+  if (byteSamples.length > 6) byteSamples.shift();
+  const [t0, b0] = byteSamples[0];
+  const [t1, b1] = byteSamples.at(-1);
+  bytesPerSecond = t1 > t0 ? Math.round((b1 - b0) / (t1 - t0)) : 0;
+}, 1000);
 
-function countBytes(n) {
-  byteLog.push([nowS(), n]);
+/** The token row's text: null when the server requires none. */
+function tokenStatus(stats) {
+  if (stats.tokenRequired !== true) return null;
+  if (stats.token === 'refused') return REFUSED;
+  return stats.token === 'missing' ? 'missing' : stats.token;
 }
 
-function noteTickLatency(part) {
-  if (part.tick === lastLatencyTick || typeof part.time_us !== 'number') return;
-  lastLatencyTick = part.tick;
-  latencies.push(Date.now() - part.time_us / 1000);
-  if (latencies.length > 60) latencies.shift();
+/** Live state for people and tests. */
+const fc = {
+  get transport() { return fleet.transport; },
+  get connected() { return fleet.transport !== null; },
+  get state() { return fleet.state; },
+  get server() { return fleet.server; },
+  get cars() { return sprites.size; },
+  carsDrawn: 0,
+  get bytesPerSecond() { return bytesPerSecond; },
+  tokenGiven: typeof options.token === 'string',
+  get tokenStatus() { return tokenStatus(fleet.stats); },
+  get selected() { return selected; },
+  get pinned() { return pinned; },
+  /** Every car on the map: the library's car plus where it was last drawn (CSS pixels). */
+  carList: () => [...sprites.values()].map((s) => ({ ...s.car, screen: s.screen })),
+};
+// The library's counters, read when asked for.
+for (const key of ['initialCars', 'ticksReceived', 'ticksMissed', 'ticksComplete', 'tick', 'latencyP50Ms',
+  'sessions', 'reconnects', 'badDatagrams', 'lastClose', 'lastGoodbye', 'lastError', 'unsupportedVersion',
+  'fallbackReason', 'certificateHashes', 'tokenRequired']) {
+  Object.defineProperty(fc, key, { get: () => fleet.stats[key], enumerable: true });
 }
+window.fleetcast = fc;
 
-function refreshStats() {
-  const t = nowS();
-  while (byteLog.length && byteLog[0][0] < t - 5) byteLog.shift();
-  const span = byteLog.length ? Math.max(1, t - byteLog[0][0]) : 1;
-  fc.bytesPerSecond = Math.round(byteLog.reduce((a, [, b]) => a + b, 0) / span);
-  if (latencies.length) {
-    const sorted = [...latencies].sort((a, b) => a - b);
-    fc.latencyP50Ms = Math.round(sorted[Math.floor(sorted.length / 2)] * 10) / 10;
-  }
-  const c = view.counts;
-  fc.ticksReceived = earlier.received + c.received;
-  fc.ticksMissed = earlier.missed + c.missed;
-  fc.ticksComplete = earlier.complete + c.complete;
-  fc.cars = view.cars.size;
-  fc.initialCars = view.initialCars;
-}
+// ---- Connection state, notices and the announcer -------------------------------------------
 
-// ---- Applying what arrives ---------------------------------------------------------------
-
-function onMessage(msg) {
-  if (msg.type === 'Goodbye') {
-    fc.lastGoodbye = { code: msg.code, reason: msg.reason };
-    setNotice(msg.code === CloseCode.GoingAway ? 'Server restarting — will reconnect.' : `Server closed the session: ${msg.reason}`);
-    return;
-  }
-  // A server speaking another version: throws, and the transport closes with code 5.
-  if (msg.type === 'Hello') checkHello(msg);
-  view.applyMessage(msg);
-  if (msg.type === 'Hello') {
-    tickIntervalMs = msg.tick_interval_ms;
-    lastQuant = msg.quant;
-    if (msg.bounds) lastBounds = msg.bounds;
-  }
-  if (msg.type === 'State') fc.tick = msg.tick;
-  syncSprites();
-}
-
-function onDatagram(bytes) {
-  countBytes(bytes.length);
-  let part;
-  try {
-    part = decodeDatagram(bytes);
-  } catch {
-    fc.badDatagrams += 1; // a datagram stands alone: drop it, keep the session
-    return;
-  }
-  noteTickLatency(part);
-  const outcome = view.applyPart(part);
-  if (typeof part.tick === 'number' && (fc.tick === null || part.tick > fc.tick)) fc.tick = part.tick;
-  for (const entry of outcome.changed) updateSprite(entry);
-}
-
-/**
- * Why a session must end after `e` (thrown while applying the stream): the protocol close code
- * and a reason. Shows a version mismatch on the page; it persists across reconnections.
- */
-function closeFor(e) {
-  fc.lastError = `stream: ${e.message}`;
-  if (e?.kind === 'UnsupportedVersion') {
-    fc.unsupportedVersion = e.message;
-    setNotice(`This page cannot read this server: ${e.message}. Reload the page.`);
-    return { code: CloseCode.UnsupportedVersion, reason: 'unsupported protocol version' };
-  }
-  return { code: CloseCode.ProtocolViolation, reason: 'protocol violation' };
-}
-
-/** Feeds reliable-stream bytes; throws on bytes that do not decode (the session must end). */
-function makeStreamSink() {
-  const frames = new FrameDecoder();
-  return (bytes) => {
-    countBytes(bytes.length);
-    frames.push(bytes);
-    for (let m; (m = frames.next()) !== null; ) onMessage(m);
-  };
-}
-
-// ---- Transports --------------------------------------------------------------------------
-
-function withTimeout(promise, ms, what) {
-  let timer;
-  return Promise.race([
-    promise,
-    new Promise((_, reject) => {
-      timer = setTimeout(() => reject(new Error(`${what} timed out after ${ms} ms`)), ms);
-    }),
-  ]).finally(() => clearTimeout(timer));
-}
-
-async function fetchJson(path) {
-  const r = await fetch(path, { cache: 'no-store' });
-  if (!r.ok) throw new Error(`${path}: HTTP ${r.status}`);
-  return r.json();
-}
-
-/**
- * The certificate hashes to trust, one a line on the server: the certificate in use and, while
- * the server renews it, the next one. None (system roots) when the server says 404.
- */
-async function certificateHashes() {
-  const r = await fetch('/certificate.sha256', { cache: 'no-store' });
-  if (r.status === 404) return [];
-  if (!r.ok) throw new Error(`/certificate.sha256: HTTP ${r.status}`);
-  const lines = (await r.text()).split('\n').map((l) => l.trim().replace(/:/g, '')).filter(Boolean);
-  if (!lines.length || !lines.every((hex) => /^[0-9a-fA-F]{64}$/.test(hex))) {
-    throw new Error('malformed certificate hash');
-  }
-  fc.certificateHashes = lines.length;
-  return lines.map((hex) => ({
-    algorithm: 'sha-256',
-    value: Uint8Array.from(hex.match(/../g), (b) => parseInt(b, 16)),
-  }));
-}
-
-/** `url` with the page's subscriber token, if it has one, as `?token=` (URL-encoded). */
-function withToken(url) {
-  return token === null ? url : `${url}${url.includes('?') ? '&' : '?'}token=${encodeURIComponent(token)}`;
-}
-
-/** Opens a WebTransport session; resolves with a runner once it is ready. */
-async function openWebTransport(config) {
-  const hashes = await certificateHashes();
-  const url = withToken(`https://${location.hostname}:${config.webtransport_port}${config.session_path}`);
-  const wt = new WebTransport(url, hashes.length ? { serverCertificateHashes: hashes } : {});
-  wt.closed.catch(() => {}); // observed in run()
-  try {
-    await withTimeout(wt.ready, OPEN_TIMEOUT_MS, 'WebTransport handshake');
-  } catch (e) {
-    try { wt.close(); } catch { /* already failed */ }
-    throw e;
-  }
-  return {
-    name: 'webtransport',
-    close: (code, reason) => wt.close({ closeCode: code, reason }),
-    run: async () => {
-      const sink = makeStreamSink();
-      const readStream = (async () => {
-        const streams = wt.incomingUnidirectionalStreams.getReader();
-        const { value: stream, done } = await streams.read();
-        if (done) return;
-        const reader = stream.getReader();
-        for (;;) {
-          const { value, done: end } = await reader.read();
-          if (end) {
-            // The server finishes the stream only after its Goodbye, which has now been read:
-            // end the session from this side, before the server's close could abort the stream
-            // with bytes still unread (PROTOCOL.md section 8.1).
-            try { wt.close({ closeCode: CloseCode.Normal, reason: 'goodbye received' }); } catch { /* closed */ }
-            return;
-          }
-          sink(value);
-        }
-      })();
-      let ended = false;
-      const readDatagrams = (async () => {
-        const reader = wt.datagrams.readable.getReader();
-        for (;;) {
-          const { value, done } = await reader.read();
-          if (done || ended) return;
-          onDatagram(value);
-        }
-      })();
-      readStream.catch((e) => {
-        if (e?.name === 'DecodeError') {
-          ended = true;
-          const { code, reason } = closeFor(e);
-          wt.close({ closeCode: code, reason });
-        }
-      });
-      readDatagrams.catch(() => {});
-      try {
-        const info = await wt.closed;
-        return { code: info?.closeCode ?? 0, reason: info?.reason ?? '' };
-      } catch (e) {
-        return { code: null, reason: String(e?.message ?? e) };
-      }
-    },
-  };
-}
-
-/** Opens the WebSocket fallback; resolves with a runner once it is open. */
-async function openWebSocket(config) {
-  const scheme = location.protocol === 'https:' ? 'wss' : 'ws';
-  const ws = new WebSocket(withToken(`${scheme}://${location.host}${config.websocket_path}`));
-  ws.binaryType = 'arraybuffer';
-  const sink = makeStreamSink();
-  let ended;
-  const closed = new Promise((resolve) => { ended = resolve; });
-  ws.onclose = (ev) => ended({ code: ev.code, reason: ev.reason });
-  let failed = false;
-  ws.onmessage = (ev) => {
-    if (failed || !(ev.data instanceof ArrayBuffer) || ev.data.byteLength === 0) return;
-    const bytes = new Uint8Array(ev.data);
-    const body = bytes.subarray(1);
-    try {
-      if (bytes[0] === WS_CHANNEL_STREAM) sink(body);
-      else if (bytes[0] === WS_CHANNEL_DATAGRAM) onDatagram(body);
-    } catch (e) {
-      // Section 11.4: the client's WebSocket close code is 4000 + the protocol's close code.
-      failed = true;
-      const { code, reason } = closeFor(e);
-      ws.close(wsCloseCode(code), reason);
-    }
-  };
-  await withTimeout(
-    new Promise((resolve, reject) => {
-      ws.onopen = resolve;
-      ws.onerror = () => reject(new Error('WebSocket could not open'));
-    }),
-    OPEN_TIMEOUT_MS,
-    'WebSocket open',
-  ).catch((e) => {
-    ws.close();
-    throw e;
-  });
-  return {
-    name: 'websocket',
-    close: (code, reason) => ws.close(code, reason),
-    run: () => closed,
-  };
-}
-
-/** One session: config, transport choice with fallback, then run until it ends. */
-async function session() {
-  const config = await fetchJson('/config.json');
-  fc.tokenRequired = config.token_required === true;
-  if (fc.tokenRequired && fc.tokenStatus !== TOKEN_REFUSED) fc.tokenStatus = token === null ? null : 'sent';
-  if (!roads) {
-    roads = await fetchJson('/roads.json').catch(() => null);
-    roadLayer = null; // redraw with the roads
-  }
-  let conn = null;
-  const haveWT = typeof window.WebTransport === 'function';
-  if (forced !== 'websocket' && haveWT) {
-    try {
-      conn = await openWebTransport(config);
-      fc.fallbackReason = null;
-    } catch (e) {
-      if (forced === 'webtransport') throw e;
-      fc.fallbackReason = `WebTransport failed: ${e.message}`;
-    }
-  } else if (forced === 'websocket') {
-    fc.fallbackReason = 'forced by ?transport=websocket';
-  } else {
-    if (forced === 'webtransport') throw new Error('this browser has no WebTransport');
-    fc.fallbackReason = 'this browser has no WebTransport';
-  }
-  if (!conn) {
-    try {
-      conn = await openWebSocket(config);
-    } catch (e) {
-      // Neither transport opened. Browsers hide the status of a refused session (401 on both
-      // transports for a bad token), so with a token required, say that it may be the cause.
-      if (fc.tokenRequired) {
-        fc.tokenStatus = TOKEN_REFUSED;
-        setNotice(token === null
-          ? 'This server requires a subscriber token: open the page with ?\u2060token=…'
-          : 'The server refused the session: the token may be invalid or expired.');
-      }
-      throw e;
-    }
-  }
-  if (fc.tokenRequired) fc.tokenStatus = 'accepted';
-
-  view = new FleetView();
-  lastLatencyTick = null;
-  fc.lastGoodbye = null;
-  fc.transport = conn.name;
-  fc.connected = true;
-  fc.sessions += 1;
-  setState('connected');
-  setNotice(fc.fallbackReason && conn.name === 'websocket' ? `WebSocket fallback: ${fc.fallbackReason}` : null);
-  const end = await conn.run();
-  fc.connected = false;
-  view.finish();
-  refreshStats();
-  const c = view.counts;
-  const hadData = view.initialCars !== null || c.received > 0;
-  earlier = {
-    received: earlier.received + c.received,
-    missed: earlier.missed + c.missed,
-    complete: earlier.complete + c.complete,
-  };
-  view = new FleetView(); // keeps counters from being added twice
-  fc.lastClose = { code: end.code, reason: end.reason };
-  return hadData;
-}
-
-async function main() {
-  let attempt = 0;
-  for (;;) {
-    let hadData = false;
-    try {
-      setState(fc.sessions ? 'reconnecting' : 'connecting');
-      hadData = await session();
-    } catch (e) {
-      fc.lastError = String(e?.message ?? e);
-    }
-    fc.connected = false;
-    attempt = hadData ? 0 : attempt + 1;
-    // Full jitter over a window that doubles per failed attempt (backoff.js): the pages a
-    // restarted server lost all at once come back spread over the window, not in one burst.
-    const delay = retryDelayMs(attempt, Math.random());
-    fc.reconnects += 1;
-    const until = performance.now() + delay;
-    setState('reconnecting', until);
-    await new Promise((r) => setTimeout(r, delay));
-  }
-}
-
-// ---- UI ----------------------------------------------------------------------------------
-
-const $ = (id) => document.getElementById(id);
-let reconnectAt = null;
-
-function setState(state, until = null) {
-  fc.state = state;
-  reconnectAt = until;
-  renderConn();
-}
-
-function renderConn() {
+function onState(d) {
+  // The status pill is a live region: it changes only with the state, never with a countdown.
+  const text = {
+    connecting: 'connecting…',
+    live: `live · ${d.transport === 'webtransport' ? 'WebTransport' : 'WebSocket'}`,
+    stale: 'stale · no recent data',
+    reconnecting: 'reconnecting',
+    paused: 'paused (page hidden)',
+    offline: 'offline',
+  }[d.state];
   const pill = $('conn');
-  pill.dataset.state = fc.state;
-  let text = fc.state;
-  if (fc.state === 'connected') text = `live · ${fc.transport === 'webtransport' ? 'WebTransport' : 'WebSocket'}`;
-  if (fc.state === 'reconnecting' && reconnectAt) {
-    const s = Math.max(0, (reconnectAt - performance.now()) / 1000);
-    text = s > 0.05 ? `reconnecting in ${s.toFixed(1)} s` : 'reconnecting…';
-  }
+  pill.dataset.state = d.state;
   if (pill.textContent !== text) pill.textContent = text;
+  retryAt = d.state === 'reconnecting' && d.retryInMs ? performance.now() + d.retryInMs : null;
+  const stats = fleet.stats;
+  if (d.state === 'live') {
+    setNotice(stats.fallbackReason && d.transport === 'websocket' ? `WebSocket fallback: ${stats.fallbackReason}` : null);
+  } else if (stats.unsupportedVersion) {
+    setNotice(`This page cannot read this server: ${stats.unsupportedVersion}. Reload the page.`);
+  } else if (stats.token === 'refused') {
+    setNotice(fc.tokenGiven
+      ? 'The server refused the session: the token may be invalid or expired.'
+      : 'This server requires a subscriber token: open the page with ?\u2060token=…');
+  } else if (stats.lastGoodbye?.code === 1) {
+    setNotice('Server restarting — will reconnect.');
+  } else if (d.state === 'reconnecting' && stats.lastError) {
+    setNotice(`Connection lost: ${stats.lastError}`);
+  }
+  renderSummary();
+}
+
+/** The canvas's text alternative (not a live region: it may change as often as it likes). */
+function renderSummary() {
+  set('map-summary', `${sprites.size} cars, ${fleet.state}. The car list under the stats names every car with its speed; choose one for its details.`);
 }
 
 function setNotice(text) {
   const n = $('notice');
   n.hidden = !text;
-  n.textContent = text ?? '';
+  if (n.textContent !== (text ?? '')) n.textContent = text ?? '';
+}
+
+/** Says `text` once through the polite announcer (not a region that changes every frame). */
+function announce(text) {
+  if (text === lastAnnounced) return;
+  lastAnnounced = text;
+  $('announce').textContent = text;
+}
+
+// ---- Panel, details and the car list ----------------------------------------------------
+
+function set(id, text) {
+  const el = $(id);
+  if (el.textContent !== text) el.textContent = text;
 }
 
 function fmtBytes(n) {
@@ -524,56 +188,102 @@ function fmtBytes(n) {
   return `${n} B/s`;
 }
 
-function set(id, text) {
-  const el = $(id);
-  if (el.textContent !== text) el.textContent = text;
-}
-
 function renderPanel() {
-  set('s-transport', fc.transport ?? '—');
-  set('s-cars', String(fc.cars));
-  set('s-ticks', String(fc.ticksReceived));
-  set('s-missed', String(fc.ticksMissed));
-  set('s-latency', fc.latencyP50Ms === null ? '—' : `${fc.latencyP50Ms} ms`);
-  set('s-rate', fmtBytes(fc.bytesPerSecond));
-  renderToken();
-  renderConn();
-  if (fc.state !== 'connected' && fc.lastError && !$('notice').textContent) {
-    setNotice(`Connection lost: ${fc.lastError}`);
-  }
-}
-
-/** The token row of the stats panel: shown only when the server requires a token. */
-function renderToken() {
+  const stats = fleet.stats;
+  set('s-transport', fleet.transport ?? '—');
+  set('s-cars', String(sprites.size));
+  set('s-ticks', String(stats.ticksReceived));
+  set('s-missed', String(stats.ticksMissed));
+  set('s-latency', stats.latencyP50Ms === null ? '—' : `${stats.latencyP50Ms} ms`);
+  set('s-rate', fmtBytes(bytesPerSecond));
+  const token = tokenStatus(stats);
   const row = $('s-token-row');
-  const show = fc.tokenRequired === true;
-  if (row.hidden === show) row.hidden = !show;
-  if (!show) return;
-  set('s-token', fc.tokenStatus ?? (token === null ? 'missing' : 'sent'));
+  if (row.hidden !== (token === null)) row.hidden = token === null;
+  if (token !== null) set('s-token', token);
+  const s = retryAt === null ? 0 : (retryAt - performance.now()) / 1000;
+  set('conn-retry', s > 0.05 ? `in ${s.toFixed(1)} s` : '');
 }
-
-const COMPASS = ['N', 'NE', 'E', 'SE', 'S', 'SW', 'W', 'NW'];
 
 function renderDetails() {
   const box = $('details');
-  const s = fc.selected !== null ? sprites.get(fc.selected) : null;
-  const entry = s ? view.cars.get(s.id) : null;
-  if (!s || !entry || !entry.sample || !view.hello) {
+  const s = selected !== null ? sprites.get(selected) : null;
+  if (!s) {
     box.hidden = true;
     return;
   }
-  const q = view.hello.quant;
-  const smp = entry.sample;
-  const hdg = headingDeg(smp.heading);
-  const { lat, lon } = toLatLon(q, smp.x * q.unit_m, smp.y * q.unit_m);
+  const car = s.car;
   box.hidden = false;
-  set('d-label', entry.label);
-  set('d-id', String(entry.id));
-  set('d-speed', `${(speedMps(q, smp.speed) * 3.6).toFixed(1)} km/h`);
-  set('d-heading', `${hdg.toFixed(1)}° ${COMPASS[Math.round(hdg / 45) % 8]}`);
-  set('d-pos', `${lat.toFixed(5)}, ${lon.toFixed(5)}`);
-  set('d-age', `${ageS(smp.age).toFixed(1)} s`);
-  set('d-tick', String(entry.tick));
+  set('d-label', car.label);
+  set('d-id', String(car.id));
+  set('d-speed', `${(car.speedMps * 3.6).toFixed(1)} km/h`);
+  set('d-heading', headingText(car.headingDeg));
+  set('d-pos', `${car.lat.toFixed(5)}, ${car.lon.toFixed(5)}`);
+  // The time since the fix, counting on between ticks (not the age the wire gave at its tick).
+  set('d-age', fixAgeText(car, Date.now()));
+  set('d-tick', String(car.tick));
+}
+
+function select(id, { pin = false, say = false } = {}) {
+  selected = id;
+  if (pin) pinned = id;
+  const car = id === null ? null : sprites.get(id)?.car;
+  if (say && car) {
+    announce(`${car.label}: ${kmh(car.speedMps)}, heading ${compass(car.headingDeg)}`);
+  }
+}
+
+/** The car list: one button per car, rebuilt only when the roster changes. */
+let listedKey = '';
+function renderCarList() {
+  const list = $('car-list');
+  const cars = [...sprites.values()].map((s) => s.car).sort((a, b) => a.label.localeCompare(b.label));
+  set('car-count', String(cars.length));
+  const key = cars.map((c) => `${c.id}:${c.label}`).join('|');
+  const rebuilt = key !== listedKey;
+  if (rebuilt) {
+    listedKey = key;
+    list.replaceChildren(...cars.map((c) => {
+      const li = document.createElement('li');
+      const b = document.createElement('button');
+      b.type = 'button';
+      b.dataset.id = String(c.id);
+      b.append(c.label, ' ', Object.assign(document.createElement('span'), { className: 'speed' }));
+      li.append(b);
+      return li;
+    }));
+  }
+  // Speeds change every tick: written only while the list is open (and once when built).
+  if (!$('car-list-panel').open && !rebuilt) return;
+  for (const b of list.querySelectorAll('button')) {
+    const car = sprites.get(Number(b.dataset.id))?.car;
+    const span = b.querySelector('.speed');
+    const text = car ? kmh(car.speedMps) : '';
+    if (span.textContent !== text) span.textContent = text;
+    b.setAttribute('aria-pressed', String(Number(b.dataset.id) === selected));
+  }
+}
+
+$('car-list').addEventListener('click', (ev) => {
+  const b = ev.target.closest('button[data-id]');
+  if (b) select(Number(b.dataset.id), { pin: true, say: true });
+  renderCarList();
+});
+$('car-list-panel').addEventListener('toggle', renderCarList);
+$('details-close').addEventListener('click', () => {
+  pinned = null;
+  select(null);
+});
+document.addEventListener('keydown', (ev) => {
+  if (ev.key === 'Escape' && selected !== null) {
+    pinned = null;
+    select(null);
+  }
+});
+
+function renderLegend() {
+  const bar = $('legend-bar');
+  bar.style.background = `linear-gradient(to right, ${LEGEND_KMH.map((k) => carColour(k / 3.6)).join(', ')})`;
+  $('legend-ticks').replaceChildren(...LEGEND_KMH.map((k) => Object.assign(document.createElement('span'), { textContent: String(k) })));
 }
 
 // ---- Drawing -----------------------------------------------------------------------------
@@ -581,22 +291,16 @@ function renderDetails() {
 const canvas = $('map');
 const ctx = canvas.getContext('2d');
 let layout = { w: 0, h: 0, dpr: 1, scale: 1, ox: 0, oy: 0, area: 4000 };
-let roadLayer = null;
-let hover = null;
 
-/** Width and height of the served area in metres: from the Hello's bounds, else the roads. */
+/** Width and height of the served area in metres. */
 function areaBox() {
-  const b = view.hello?.bounds ?? lastBounds;
-  if (b) {
-    const h = (b.north - b.south) * METRES_PER_DEGREE;
-    const w = (b.east - b.west) * METRES_PER_DEGREE * Math.cos((b.south * Math.PI) / 180);
-    return { w, h };
-  }
-  const side = roads?.area_m ?? (view.hello ? 65535 * view.hello.quant.unit_m : 4000);
-  return { w: side, h: side };
+  const b = fleet.area;
+  if (!b) return { w: 4000, h: 4000 };
+  const h = (b.north - b.south) * METRES_PER_DEGREE;
+  const w = (b.east - b.west) * METRES_PER_DEGREE * Math.cos((b.south * Math.PI) / 180);
+  return { w, h };
 }
 
-/** Side of the square the map frames, metres. */
 function area() {
   const { w, h } = areaBox();
   return Math.max(w, h);
@@ -615,6 +319,7 @@ function resize() {
   roadLayer = null;
 }
 
+/** Screen position (CSS pixels) of a point in metres east and north of the area's corner. */
 const toScreen = (e, n) => [layout.ox + e * layout.scale, layout.oy - n * layout.scale];
 
 function drawRoads() {
@@ -628,27 +333,19 @@ function drawRoads() {
   c.fillStyle = '#111820';
   c.fillRect(x0, y0, w * layout.scale, h * layout.scale);
   c.lineCap = 'round';
-  for (const r of roads?.roads ?? []) {
-    const major = r.limit_mps >= 14;
+  const proj = ensureProjection();
+  for (const road of proj ? roads?.features ?? [] : []) {
+    const { major } = road.properties;
     c.strokeStyle = major ? '#3a4654' : '#26303b';
     c.lineWidth = Math.max(major ? 3 : 1.5, (major ? 14 : 8) * layout.scale);
     c.beginPath();
-    c.moveTo(...toScreen(r.a[0], r.a[1]));
-    c.lineTo(...toScreen(r.b[0], r.b[1]));
+    for (const [i, [lon, lat]] of road.geometry.coordinates.entries()) {
+      const m = proj.toMetres(lat, lon);
+      c[i === 0 ? 'moveTo' : 'lineTo'](...toScreen(m.e, m.n));
+    }
     c.stroke();
   }
   roadLayer = layer;
-}
-
-function carColour(speedMpsValue) {
-  // Slow = warm, fast = cool; always saturated so cars stand out from the grey roads.
-  const hue = Math.max(0, Math.min(200, speedMpsValue * 12));
-  return `hsl(${hue} 90% 58%)`;
-}
-
-function angleLerp(from, to, k) {
-  const d = ((to - from + 540) % 360) - 180;
-  return from + d * k;
 }
 
 let lastFrame = nowS();
@@ -665,9 +362,8 @@ function frame() {
   ctx.drawImage(roadLayer, 0, 0);
   ctx.setTransform(layout.dpr, 0, 0, layout.dpr, 0, 0);
 
-  const q = view.hello?.quant ?? lastQuant;
-  // While disconnected the cars are last known positions: draw them dimmed.
-  ctx.globalAlpha = fc.connected ? 1 : 0.4;
+  // Without live data the cars are last known positions: draw them dimmed.
+  ctx.globalAlpha = fleet.state === 'live' ? 1 : 0.4;
   const size = Math.max(5, Math.min(14, 9 * layout.scale * 2 + 4));
   const labels = sprites.size <= LABELS_UP_TO;
   ctx.font = `${Math.round(Math.max(10, size * 0.95))}px system-ui, sans-serif`;
@@ -675,14 +371,13 @@ function frame() {
   let drawn = 0;
   const labelQueue = [];
   for (const s of sprites.values()) {
-    const p = position(s, t);
-    s.drawnHdg = angleLerp(s.drawnHdg, s.hdg, 1 - Math.exp(-dt / 0.2));
+    const p = s.glide.at(t);
+    s.drawnHdg = turnTowards(s.drawnHdg, s.car.headingDeg, 1 - Math.exp(-dt / 0.2));
     const [x, y] = toScreen(p.e, p.n);
     s.screen = [x, y];
     if (x < -20 || y < -20 || x > layout.w + 20 || y > layout.h + 20) continue;
     drawn += 1;
-    const v = q && s.entry.sample ? speedMps(q, s.entry.sample.speed) : 0;
-    const picked = s.id === fc.selected || s.id === hover;
+    const picked = s.car.id === selected || s.car.id === hover;
     ctx.save();
     ctx.translate(x, y);
     ctx.rotate((s.drawnHdg * Math.PI) / 180);
@@ -692,7 +387,7 @@ function frame() {
     ctx.lineTo(0, size * 0.35);
     ctx.lineTo(-size * 0.62, size * 0.7);
     ctx.closePath();
-    ctx.fillStyle = carColour(v);
+    ctx.fillStyle = carColour(s.car.speedMps);
     ctx.fill();
     ctx.lineWidth = picked ? 2.5 : 1;
     ctx.strokeStyle = picked ? '#ffffff' : 'rgba(0,0,0,0.6)';
@@ -705,20 +400,18 @@ function frame() {
   const placed = [];
   const lh = Math.round(Math.max(10, size * 0.95)) + 2;
   for (const [s, x, y, picked] of labelQueue) {
-    const w = ctx.measureText(s.entry.label).width;
+    const text = picked ? `${s.car.label} · ${kmh(s.car.speedMps)}` : s.car.label;
+    const w = ctx.measureText(text).width;
     // Right of the car, or left of it where the right would leave the screen.
     const left = x + size + 3 + w > layout.w - 4 ? x - size - 3 - w : x + size + 3;
     const r = [left, y - lh / 2, left + w, y + lh / 2];
-    if (!picked && placed.some((o) => r[0] < o[2] && r[2] > o[0] && r[1] < o[3] && r[3] > o[1])) {
-      continue;
-    }
+    if (!picked && placed.some((o) => r[0] < o[2] && r[2] > o[0] && r[1] < o[3] && r[3] > o[1])) continue;
     placed.push(r);
     ctx.fillStyle = picked ? '#ffffff' : 'rgba(230,237,243,0.85)';
-    ctx.fillText(s.entry.label, r[0], y);
+    ctx.fillText(text, r[0], y);
   }
   ctx.globalAlpha = 1;
   fc.carsDrawn = drawn;
-  refreshStats();
   renderPanel();
   renderDetails();
   requestAnimationFrame(frame);
@@ -729,12 +422,10 @@ function pick(clientX, clientY) {
   let bestD = 22 * 22;
   for (const s of sprites.values()) {
     if (!s.screen) continue;
-    const dx = s.screen[0] - clientX;
-    const dy = s.screen[1] - clientY;
-    const d = dx * dx + dy * dy;
+    const d = (s.screen[0] - clientX) ** 2 + (s.screen[1] - clientY) ** 2;
     if (d < bestD) {
       bestD = d;
-      best = s.id;
+      best = s.car.id;
     }
   }
   return best;
@@ -743,20 +434,11 @@ function pick(clientX, clientY) {
 canvas.addEventListener('pointermove', (ev) => {
   hover = pick(ev.clientX, ev.clientY);
   canvas.style.cursor = hover === null ? 'crosshair' : 'pointer';
-  if (hover !== null && ev.pointerType === 'mouse') fc.selected = fc.pinned ?? hover;
-  else if (ev.pointerType === 'mouse') fc.selected = fc.pinned ?? null;
+  if (ev.pointerType === 'mouse') select(pinned ?? hover);
 });
-canvas.addEventListener('click', (ev) => {
-  const id = pick(ev.clientX, ev.clientY);
-  fc.pinned = id;
-  fc.selected = id;
-});
-$('details-close').addEventListener('click', () => {
-  fc.pinned = null;
-  fc.selected = null;
-});
+canvas.addEventListener('click', (ev) => select(pick(ev.clientX, ev.clientY), { pin: true }));
 window.addEventListener('resize', resize);
 
+renderLegend();
 resize();
 requestAnimationFrame(frame);
-main();

@@ -485,6 +485,12 @@ export class TickTracker {
     this.finalisedThrough = upto;
   }
 
+  /** Whether every part of `tick` has arrived (false for a tick not seen or already settled). */
+  complete(tick) {
+    const set = this.pending.get(tick) ?? this.early.get(tick);
+    return set !== undefined && set.count === set.parts;
+  }
+
   /** Finalises everything seen so far (the session ended). */
   finish() {
     this.finaliseThrough(this.highest);

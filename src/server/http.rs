@@ -157,10 +157,12 @@ fn router(shared: Arc<Shared>, token: CancellationToken, tasks: TaskTracker) -> 
         });
     Router::new()
         .route("/certificate.sha256", get(certificate_hash))
-        .route("/config.json", get(config))
+        // A page on another origin (a dashboard embedding fleetcast-client.js, or a node of a
+        // multi-node deployment) reads these two like the certificate hash: public, no cookies.
+        .route("/config.json", get(config).layer(any_origin()))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
-        .route("/roads.json", get(roads))
+        .route("/roads.json", get(roads).layer(any_origin()))
         .route(ingest::POSITIONS_PATH, post(ingest::post_positions))
         .route(ingest::CARS_PATH, get(ingest::list_cars))
         .route(
@@ -175,6 +177,14 @@ fn router(shared: Arc<Shared>, token: CancellationToken, tasks: TaskTracker) -> 
         ))
         .with_state(shared)
         .merge(websocket)
+}
+
+/// `Access-Control-Allow-Origin: *`, so pages on any origin may read the response.
+fn any_origin() -> SetResponseHeaderLayer<HeaderValue> {
+    SetResponseHeaderLayer::overriding(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    )
 }
 
 /// Serves one connection until it closes, times out, or shutdown closes it.
