@@ -176,7 +176,8 @@ export class FleetConnection extends EventTarget {
 
   /** 'webtransport' or 'websocket' while a session is open, else null. */
   get transport() {
-    return this.#conn ? this.#transport : null;
+    // Null from the moment close() is called, not once the transport has finished closing.
+    return this.#conn && !this.#closed ? this.#transport : null;
   }
 
   /** Base URL of the node of the current (or the last) session. */

@@ -232,6 +232,23 @@ for (const name of BROWSERS) {
       }
     });
 
+    test("a node's /config.json servers list takes the page to another node when its node stops", async () => {
+      const b = await startServer({ cars: CARS, extra: allowPage() });
+      const a = await startServer({ cars: CARS, extra: [...allowPage(), '--servers', b.base] });
+      const p = await libraryPage(browser);
+      try {
+        // The page is told of a alone; a's /config.json names b.
+        const i = await start(p.page, { server: a.base, openTimeoutMs: 2000 });
+        const first = await live(p, i, 'webtransport', { server: a.base });
+        assert.deepEqual(first.servers, [a.base, b.base]);
+        assert.equal((await stopServer(a)).code, 0);
+        await live(p, i, 'webtransport', { server: b.base, sessions: 2 });
+      } finally {
+        await p.context.close();
+        await stopServer(b);
+      }
+    });
+
     test('ticks stop: the state turns stale, then live again; long silence opens a new session', async () => {
       const own = await startServer({ cars: CARS, extra: allowPage() });
       const p = await libraryPage(browser);
