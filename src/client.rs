@@ -93,13 +93,7 @@ impl ConnectArgs {
         if let Some(u) = &self.cert_hash_url {
             return u.clone();
         }
-        let host = authority(&self.url)
-            .map(|authority| match authority.rfind(':') {
-                // Strip the port, keeping IPv6 brackets.
-                Some(i) if !authority[i..].contains(']') => &authority[..i],
-                _ => authority,
-            })
-            .unwrap_or("localhost");
+        let host = host(&self.url).unwrap_or("localhost");
         format!("http://{host}:8080/certificate.sha256")
     }
 
@@ -203,12 +197,7 @@ impl ConnectArgs {
         for other in &config.servers {
             nodes.learn(other);
         }
-        let host = authority(&base)
-            .map(|authority| match authority.rfind(':') {
-                Some(i) if !authority[i..].contains(']') => &authority[..i],
-                _ => authority,
-            })
-            .with_context(|| format!("--server {base:?} has no host"))?;
+        let host = host(&base).with_context(|| format!("--server {base:?} has no host"))?;
         let url = format!(
             "https://{host}:{}{}",
             config.webtransport_port, config.session_path
@@ -268,6 +257,14 @@ pub fn with_token(url: &str, token: Option<&str>) -> String {
 /// `url` without its query string, which may hold a token: for messages and logs.
 pub fn without_query(url: &str) -> &str {
     url.split_once('?').map_or(url, |(base, _)| base)
+}
+
+/// The host of a URL, without its port (IPv6 addresses keep their brackets).
+fn host(url: &str) -> Option<&str> {
+    authority(url).map(|authority| match authority.rfind(':') {
+        Some(i) if !authority[i..].contains(']') => &authority[..i],
+        _ => authority,
+    })
 }
 
 /// The `host[:port]` part of a URL.
@@ -507,14 +504,11 @@ impl Session {
                 Ok(None) => {}
                 Err(e) => return Err(self.violation(e)),
             }
+            // The stream first: what has arrived on it (a car's CarsAdded) is applied before a
+            // datagram that arrived with it (the car's first sample), in the order the server
+            // sent them.
             tokio::select! {
                 biased;
-                datagram = self.conn.receive_datagram() => {
-                    return match datagram {
-                        Ok(d) => Ok(Event::Datagram(d.payload())),
-                        Err(e) => Err(self.ended(e).await),
-                    };
-                }
                 stream = self.conn.accept_uni(), if self.stream.is_none() => {
                     match stream {
                         Ok(s) => self.stream = Some(s),
@@ -532,6 +526,12 @@ impl Session {
                             return Err(self.ended(e).await);
                         }
                     }
+                }
+                datagram = self.conn.receive_datagram() => {
+                    return match datagram {
+                        Ok(d) => Ok(Event::Datagram(d.payload())),
+                        Err(e) => Err(self.ended(e).await),
+                    };
                 }
             }
         }

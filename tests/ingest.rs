@@ -693,3 +693,29 @@ async fn impossible_option_combinations_refuse_to_start() {
     .await;
     refused(&|a| a.area.area_m = 0.0, "at least 1 m").await;
 }
+
+#[tokio::test]
+async fn posted_cars_reach_open_sessions_roster_first_then_their_datagrams() {
+    // PROTOCOL.md section 7 rule 3: a session gets a car's CarsAdded before the first tick
+    // that carries it. On a clean loopback path no sample should have to wait for its car.
+    let ts = ingest_server(|_| {}).await;
+    let (_endpoint, mut session) = ts.open().await;
+    let mut view = initial_state(&mut session).await;
+    let area = fleetcast::fleet::Area::square(52.35, 4.86, 4000.0).unwrap();
+    let fixes: Vec<Value> = (0..50)
+        .map(|i| {
+            let (lat, lon) = area.quant.to_lat_lon(100.0 + 20.0 * f64::from(i), 200.0);
+            json!({"id": format!("new-{i}"), "lat": lat, "lon": lon})
+        })
+        .collect();
+    let reply = post_json(&ts, TOKEN, &Value::Array(fixes)).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert!(
+        follow(&mut session, &mut view, Duration::from_secs(10), |v, _| {
+            v.cars().values().filter(|c| c.sample.is_some()).count() == 50
+        })
+        .await,
+        "the 50 posted cars did not all arrive"
+    );
+    assert_eq!(view.samples().held, 0, "{:?}", view.samples());
+}

@@ -295,6 +295,10 @@ impl Shard {
                         self.read_socket(usize::MAX);
                     }
                 }
+                // Roster events before ticks: a tick's events are sent before its snapshot and
+                // its datagrams, so a session gets a car's CarsAdded before the first tick that
+                // carries the car (PROTOCOL.md section 7, rule 3).
+                event = self.events.recv() => self.on_roster_event(event),
                 changed = self.ticks.changed(), if serving => {
                     if changed.is_ok() {
                         let tick = self.ticks.borrow_and_update().clone();
@@ -304,7 +308,6 @@ impl Shard {
                         }
                     }
                 }
-                event = self.events.recv() => self.on_roster_event(event),
                 command = self.commands.recv() => match command {
                     Some(Command::Packet { remote, dst_ip, ecn, data }) => {
                         self.on_packet(Instant::now(), remote, dst_ip, ecn, data);
