@@ -370,28 +370,25 @@ async fn bucket(
         return Ok(store.clone());
     }
     let name = config.bucket.clone();
-    let store = match tokio::time::timeout(REQUEST_TIMEOUT, js.get_key_value(&name)).await {
+    let get = || tokio::time::timeout(REQUEST_TIMEOUT, js.get_key_value(&name));
+    let store = match get().await {
         Ok(Ok(store)) => store,
-        _ => match tokio::time::timeout(REQUEST_TIMEOUT, js.create_stream(kv_stream(config))).await
-        {
-            Ok(Ok(_)) => tokio::time::timeout(REQUEST_TIMEOUT, js.get_key_value(&name))
-                .await
-                .with_context(|| format!("bucket {name}: timed out"))?
-                .with_context(|| format!("bucket {name}"))?,
-            created => {
-                // Another node may have created it at the same moment.
-                match tokio::time::timeout(REQUEST_TIMEOUT, js.get_key_value(&name)).await {
-                    Ok(Ok(store)) => store,
-                    _ => {
-                        let why = match created {
-                            Ok(Err(e)) => e.to_string(),
-                            _ => "timed out".into(),
-                        };
-                        anyhow::bail!("cannot create the bucket {name}: {why}");
-                    }
+        _ => {
+            // Missing: create it (or find that another node just did), then look again.
+            let created =
+                tokio::time::timeout(REQUEST_TIMEOUT, js.create_stream(kv_stream(config))).await;
+            match get().await {
+                Ok(Ok(store)) => store,
+                _ => {
+                    let why = match created {
+                        Ok(Err(e)) => e.to_string(),
+                        Ok(Ok(_)) => "created, but it cannot be read".into(),
+                        Err(_) => "timed out".into(),
+                    };
+                    anyhow::bail!("cannot create the bucket {name}: {why}");
                 }
             }
-        },
+        }
     };
     *cached = Some(store.clone());
     Ok(store)
