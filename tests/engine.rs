@@ -89,7 +89,18 @@ async fn a_client_whose_address_changes_keeps_its_session_even_on_another_shard(
     })
     .await;
     let nat = Nat::start(ts.server.wt_addr).await;
-    let endpoint = ts.endpoint();
+    // A client that has acknowledged everything stays silent, and the server keeps sending to
+    // the old port until the client's next packet shows the new one. The test relied on a
+    // delayed acknowledgement still pending at the rebind; on a busy machine it often was not,
+    // and the session waited for its idle timeout. A keep-alive makes the client speak within
+    // 200 ms of silence, as any client whose NAT moves eventually does.
+    let hash = ts.server.cert_hash.as_deref().expect("self-signed");
+    let mut options =
+        client::ClientOptions::new(client::Trust::Hashes(vec![
+            client::parse_hash(hash).unwrap()
+        ]));
+    options.keep_alive = Some(Duration::from_millis(200));
+    let endpoint = client::endpoint(&options).expect("client endpoint");
     let mut session = client::open(&endpoint, &common::url_for(nat.addr, "/positions"), None)
         .await
         .expect("session opens through the NAT");
