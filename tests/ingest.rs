@@ -719,3 +719,22 @@ async fn posted_cars_reach_open_sessions_roster_first_then_their_datagrams() {
     );
     assert_eq!(view.samples().held, 0, "{:?}", view.samples());
 }
+
+#[tokio::test]
+async fn the_car_list_holds_a_fleet_bigger_than_one_page() {
+    // The list is collected 2,000 cars a page (one NATS reply each in a cluster).
+    let ts = ingest_server(|_| {}).await;
+    let area = fleetcast::fleet::Area::square(52.35, 4.86, 4000.0).unwrap();
+    let fixes: Vec<Value> = (0..4500)
+        .map(|i| {
+            let (lat, lon) = area.quant.to_lat_lon(f64::from(i % 3000), 100.0);
+            json!({"id": format!("car-{i}"), "lat": lat, "lon": lon})
+        })
+        .collect();
+    let reply = post_json(&ts, TOKEN, &Value::Array(fixes)).await;
+    assert_eq!(reply.body["accepted"], 4500, "{}", reply.body);
+    let listed = cars(&ts).await;
+    let ids: std::collections::BTreeSet<&str> =
+        listed.iter().map(|c| c["id"].as_str().unwrap()).collect();
+    assert_eq!((listed.len(), ids.len()), (4500, 4500));
+}

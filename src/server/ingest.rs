@@ -42,6 +42,9 @@ pub const PUBLISH_WS_PATH: &str = "/v1/publish.ws";
 /// Path of the fleet listing (and, with `/{id}`, of one car).
 pub const CARS_PATH: &str = "/v1/cars";
 
+/// Cars per page when `GET /v1/cars` collects the fleet: about 300 KB of reply.
+const LIST_PAGE: usize = 2000;
+
 /// WebSocket close code for a binary message (RFC 6455 "unsupported data").
 const WS_UNSUPPORTED_DATA: u16 = 1003;
 /// WebSocket close code at shutdown.
@@ -427,16 +430,36 @@ pub(crate) async fn list_cars(State(shared): State<Arc<Shared>>, headers: Header
     if let Err(refusal) = admit(&shared, bearer(&headers)) {
         return refusal.into_response();
     }
-    let cars = match fleet_op(&shared, FleetOp::List).await {
-        Ok(FleetReply::Cars { cars }) => cars,
-        Ok(other) => {
-            return unavailable(
-                &shared,
-                Unavailable(format!("unexpected answer from the ticker: {other:?}")),
-            )
+    // A page at a time: in a cluster each page is one NATS reply, which must stay under NATS's
+    // message size limit (1 MB by default) whatever the size of the fleet.
+    let mut cars = Vec::new();
+    let mut after = None;
+    loop {
+        let op = FleetOp::List {
+            after,
+            limit: LIST_PAGE,
+        };
+        match fleet_op(&shared, op).await {
+            Ok(FleetReply::Cars { cars: page, more }) => {
+                let next = page.last().map(|c| c.wire_id);
+                cars.extend(page);
+                if !more {
+                    break;
+                }
+                // A page must move on, or a wrong answer would keep this loop going forever.
+                if next.is_none() || next <= after {
+                    let why = "the ticker's car list did not move on from one page to the next";
+                    return unavailable(&shared, Unavailable(why.into()));
+                }
+                after = next;
+            }
+            Ok(other) => {
+                let why = format!("unexpected answer from the ticker: {other:?}");
+                return unavailable(&shared, Unavailable(why));
+            }
+            Err(e) => return unavailable(&shared, e),
         }
-        Err(e) => return unavailable(&shared, e),
-    };
+    }
     let cars: Vec<Value> = cars
         .iter()
         .map(|c| {

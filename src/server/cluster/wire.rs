@@ -146,8 +146,9 @@ pub(crate) enum FleetOp {
     /// Apply publishers' fixes, already validated by the node that received them, each with
     /// its index in the publisher's batch.
     Apply { fixes: Vec<(usize, Fix)> },
-    /// Every car.
-    List,
+    /// Up to `limit` cars with wire ids above `after` (all from the start when `None`), by
+    /// ascending wire id: a big fleet is listed a page at a time, each page one NATS reply.
+    List { after: Option<u32>, limit: usize },
     /// Remove a publisher's car.
     Delete { id: String },
 }
@@ -161,8 +162,10 @@ pub(crate) enum FleetReply {
         accepted: usize,
         rejected: Vec<(usize, String)>,
     },
+    /// A page of cars; `more` when cars with higher wire ids remain.
     Cars {
         cars: Vec<Car>,
+        more: bool,
     },
     Deleted {
         wire_id: u32,
@@ -192,9 +195,17 @@ impl FleetOp {
                 }
                 FleetReply::Applied { accepted, rejected }
             }
-            FleetOp::List => FleetReply::Cars {
-                cars: fleet.cars().cloned().collect(),
-            },
+            FleetOp::List { after, limit } => {
+                let mut cars: Vec<Car> = fleet
+                    .cars()
+                    .filter(|c| after.is_none_or(|a| c.wire_id > a))
+                    .take(limit.max(1) + 1)
+                    .cloned()
+                    .collect();
+                let more = cars.len() > limit.max(1);
+                cars.truncate(limit.max(1));
+                FleetReply::Cars { cars, more }
+            }
             FleetOp::Delete { id } => match fleet.car(&id).map(|c| c.source) {
                 None => FleetReply::NotFound,
                 Some(Source::Simulator) => FleetReply::NotYours,
@@ -461,10 +472,14 @@ mod tests {
             "the rejection keeps the publisher's index"
         );
         assert!(rejected[0].1.contains("older"), "{}", rejected[0].1);
-        let FleetReply::Cars { cars } = FleetOp::List.run(&mut fleet, 200) else {
+        let FleetReply::Cars { cars, more } = (FleetOp::List {
+            after: None,
+            limit: 10,
+        })
+        .run(&mut fleet, 200) else {
             panic!()
         };
-        assert_eq!(cars.len(), 1);
+        assert_eq!((cars.len(), more), (1, false));
         assert_eq!(
             FleetOp::Delete { id: "a".into() }.run(&mut fleet, 200),
             FleetReply::Deleted { wire_id: 0 }
@@ -484,5 +499,43 @@ mod tests {
         assert_ne!(base, config_fingerprint(&b, 1000, 1100));
         assert_ne!(base, config_fingerprint(&a, 500, 1100));
         assert_ne!(base, config_fingerprint(&a, 1000, 1000));
+    }
+
+    #[test]
+    fn listing_pages_through_the_fleet_by_wire_id() {
+        let area = Area::square(52.35, 4.86, 4000.0).unwrap();
+        let mut fleet = FleetState::new(area, 100);
+        let (lat, lon) = area.quant.to_lat_lon(10.0, 10.0);
+        for i in 0..7 {
+            let fix = Fix {
+                id: format!("car-{i}"),
+                lat,
+                lon,
+                heading_deg: None,
+                speed_mps: None,
+                time_us: Some(100),
+                label: None,
+            };
+            fleet.apply(fix, Source::Publisher, 100).unwrap();
+        }
+        let mut after = None;
+        let mut seen = Vec::new();
+        let mut pages = 0;
+        loop {
+            let FleetReply::Cars { cars, more } =
+                (FleetOp::List { after, limit: 3 }).run(&mut fleet, 100)
+            else {
+                panic!("not a page")
+            };
+            pages += 1;
+            assert!(cars.len() <= 3);
+            seen.extend(cars.iter().map(|c| c.wire_id));
+            after = cars.last().map(|c| c.wire_id);
+            if !more {
+                break;
+            }
+        }
+        assert_eq!(pages, 3);
+        assert_eq!(seen, (0..7).collect::<Vec<u32>>());
     }
 }
