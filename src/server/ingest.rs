@@ -289,11 +289,7 @@ async fn apply_batch(shared: &Shared, items: Vec<Item>) -> Result<Outcome, Unava
                     });
                 }
             }
-            other => {
-                return Err(Unavailable(format!(
-                    "unexpected answer from the ticker: {other:?}"
-                )))
-            }
+            other => return Err(Unavailable::unexpected(&other)),
         }
     }
     rejected.sort_by_key(|r| r.index);
@@ -453,10 +449,7 @@ pub(crate) async fn list_cars(State(shared): State<Arc<Shared>>, headers: Header
                 }
                 after = next;
             }
-            Ok(other) => {
-                let why = format!("unexpected answer from the ticker: {other:?}");
-                return unavailable(&shared, Unavailable(why));
-            }
+            Ok(other) => return unavailable(&shared, Unavailable::unexpected(&other)),
             Err(e) => return unavailable(&shared, e),
         }
     }
@@ -508,10 +501,7 @@ pub(crate) async fn delete_car(
             info!(car = %id, "car removed by a publisher");
             Json(json!({ "removed": id, "wire_id": wire_id })).into_response()
         }
-        Ok(other) => unavailable(
-            &shared,
-            Unavailable(format!("unexpected answer from the ticker: {other:?}")),
-        ),
+        Ok(other) => unavailable(&shared, Unavailable::unexpected(&other)),
         Err(e) => unavailable(&shared, e),
     }
 }

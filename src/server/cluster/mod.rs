@@ -65,6 +65,13 @@ const LEASE_POLL: Duration = Duration::from_millis(500);
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Unavailable(pub String);
 
+impl Unavailable {
+    /// The ticker answered a request with a reply of another kind (a node of another version?).
+    pub(crate) fn unexpected(reply: &FleetReply) -> Self {
+        Unavailable(format!("unexpected answer from the ticker: {reply:?}"))
+    }
+}
+
 /// The lease this node holds.
 #[derive(Debug, Clone, Copy)]
 struct Lease {
